@@ -1,0 +1,111 @@
+"""JSON-lines logging (python-json-logger) and the masking of credentials, for both processes.
+
+Every line is one JSON object on stdout. Secrets are masked before they are logged (see
+``mask_secret`` and ``mask_text``); as a last net, the formatter masks anything key-shaped left in
+the finished line.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sys
+from collections.abc import Iterable
+
+from pythonjsonlogger.json import JsonFormatter
+
+LEVELS = {"debug": "DEBUG", "info": "INFO", "warn": "WARNING", "warning": "WARNING", "error": "ERROR"}
+
+ELLIPSIS = "\u2026"
+
+# Key-shaped strings: OpenAI/DeepSeek/Anthropic style keys, JWTs, bearer credentials, and
+# credential-named query or JSON members. The known secrets of a request are masked exactly too.
+_KEY_SHAPED = re.compile(
+    r"(?P<key>\b(?:sk|pk|rk|ak)-[A-Za-z0-9_\-]{8,})"
+    r"|(?P<jwt>\beyJ[A-Za-z0-9_\-]{6,}\.[A-Za-z0-9_\-]{4,}\.[A-Za-z0-9_\-]*)"
+    r"|(?P<bearer>(?i:bearer)\s+)(?P<credential>[^\s\"',;&\\<>]{6,})"
+    # credential-named members: query style (api_key=...) or JSON style ("api_key": "...")
+    r"|(?P<named>(?<![A-Za-z0-9])(?i:api[_-]?key|access[_-]?token|auth[_-]?token|token|secret|password"
+    r"|passwd|key)(?:=|\\?[\"']\s*:\s*\\?[\"']))(?P<value>[^\s\"'&,;}\\]{4,})"
+)
+
+
+def mask_secret(secret: str) -> str:
+    """``sk-6d…e935`` for long secrets; short ones show less, tiny ones nothing."""
+    if len(secret) >= 20:
+        return secret[:5] + ELLIPSIS + secret[-4:]
+    if len(secret) >= 10:
+        return secret[:3] + ELLIPSIS
+    return ELLIPSIS
+
+
+def _mask_match(match: re.Match[str]) -> str:
+    if match.group("key"):
+        return mask_secret(match.group("key"))
+    if match.group("jwt"):
+        return mask_secret(match.group("jwt"))
+    if match.group("credential"):
+        return match.group("bearer") + mask_secret(match.group("credential"))
+    return match.group("named") + mask_secret(match.group("value"))
+
+
+def mask_key_shaped(text: str) -> str:
+    return _KEY_SHAPED.sub(_mask_match, text)
+
+
+def mask_text(text: str, secrets: Iterable[str] = ()) -> str:
+    """Mask the given secrets wherever they appear in ``text``, then anything key-shaped."""
+    for secret in secrets:
+        if secret and secret in text:
+            text = text.replace(secret, mask_secret(secret))
+    return mask_key_shaped(text)
+
+
+_AUTH_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9._-]*)(\s+)(.*)$", re.DOTALL)
+_COOKIE_VALUE = re.compile(r"=([^;]*)")
+
+
+def mask_header_value(name_lower: str, value: str) -> str:
+    """Mask the value of a credential-bearing header (name already lower-cased)."""
+    if name_lower in ("authorization", "proxy-authorization"):
+        match = _AUTH_SCHEME.match(value)
+        if match:
+            return match.group(1) + match.group(2) + mask_secret(match.group(3))
+        return mask_secret(value)
+    if name_lower in ("cookie", "set-cookie"):
+        return _COOKIE_VALUE.sub(lambda m: "=" + mask_secret(m.group(1)), value)
+    return mask_secret(value)
+
+
+SECRET_HEADERS = frozenset(
+    {"authorization", "proxy-authorization", "x-api-key", "api-key", "cookie", "set-cookie"}
+)
+
+
+class MaskingJsonFormatter(JsonFormatter):
+    """JsonFormatter whose finished line is passed through the key-shaped mask as a last net."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return mask_key_shaped(super().format(record))
+
+
+def setup(level: str, service: str, stream=None) -> logging.Logger:
+    """Route the root logger to one JSON line per record on stdout; return the service logger."""
+    handler = logging.StreamHandler(stream if stream is not None else sys.stdout)
+    handler.setFormatter(
+        MaskingJsonFormatter(
+            "%(levelname)s %(name)s %(message)s",
+            rename_fields={"levelname": "level", "name": "logger"},
+            static_fields={"service": service, "pid": os.getpid()},
+            timestamp="time",
+        )
+    )
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(LEVELS.get(level, "INFO"))
+    # urllib3 logs every retry and pool event with the URL; keep it quiet unless debugging.
+    logging.getLogger("urllib3").setLevel(logging.DEBUG if level == "debug" else logging.WARNING)
+    return logging.getLogger(service)

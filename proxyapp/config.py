@@ -1,0 +1,74 @@
+"""The worker's configuration: one frozen dataclass read from the environment at start."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from common.envparse import ConfigError, Env
+from common.jsonlog import LEVELS
+
+REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_TOKEN_FILE = os.path.join(REPO_DIR, "var", "tokens.json")
+MIB = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyConfig:
+    enable_token_routing: bool = True
+    listen_host: str = "0.0.0.0"
+    listen_port: int = 6800
+    token_file: str = DEFAULT_TOKEN_FILE
+    token_file_poll: float = 1.0
+    sync_interval_minutes: float = 10.0
+    target_url: str = "https://open.bigmodel.cn"
+    override_auth_token: str = ""
+    required_auth_tokens: tuple[str, ...] = ()
+    log_level: str = "info"
+    log_body_max_bytes: int = 4096
+    upstream_connect_timeout: float = 10.0
+    upstream_read_timeout: float = 600.0
+    upstream_total_timeout: float = 0.0
+    upstream_pool_maxsize: int = 1000
+    graceful_timeout: float = 30.0
+    client_idle_timeout: float = 75.0
+    client_header_timeout: float = 60.0
+    client_body_timeout: float = 60.0
+    client_send_timeout: float = 60.0
+    max_body_bytes: int = 32 * MIB
+    max_client_connections: int = 10000
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> ProxyConfig:
+        """Build the config; a bad value raises ConfigError naming the variable and the value."""
+        env = Env(environ)
+        host, port = env.listen_addr("LISTEN_ADDR", ":6800")
+        token_file = os.path.abspath(env.string("TOKEN_FILE", DEFAULT_TOKEN_FILE))
+        return cls(
+            enable_token_routing=env.boolean("ENABLE_TOKEN_ROUTING", True),
+            listen_host=host,
+            listen_port=port,
+            token_file=token_file,
+            token_file_poll=env.number("TOKEN_FILE_POLL", 1.0, minimum=0.01),
+            sync_interval_minutes=env.number("SYNC_INTERVAL", 10.0, allow_zero=False),
+            target_url=env.url("TARGET_URL", "https://open.bigmodel.cn"),
+            override_auth_token=env.string("OVERRIDE_AUTH_TOKEN"),
+            required_auth_tokens=env.csv("REQUIRED_AUTH_TOKENS"),
+            log_level=env.choice("LOG_LEVEL", "info", {k: k for k in LEVELS}),
+            log_body_max_bytes=env.integer("LOG_BODY_MAX_BYTES", 4096),
+            upstream_connect_timeout=env.number("UPSTREAM_CONNECT_TIMEOUT", 10.0, allow_zero=False),
+            upstream_read_timeout=env.number("UPSTREAM_READ_TIMEOUT", 600.0, allow_zero=False),
+            upstream_total_timeout=env.number("UPSTREAM_TOTAL_TIMEOUT", 0.0),
+            upstream_pool_maxsize=env.integer("UPSTREAM_POOL_MAXSIZE", 1000, minimum=1),
+            graceful_timeout=env.number("GRACEFUL_TIMEOUT", 30.0),
+            client_idle_timeout=env.number("CLIENT_IDLE_TIMEOUT", 75.0, allow_zero=False),
+            client_header_timeout=env.number("CLIENT_HEADER_TIMEOUT", 60.0, allow_zero=False),
+            client_body_timeout=env.number("CLIENT_BODY_TIMEOUT", 60.0, allow_zero=False),
+            client_send_timeout=env.number("CLIENT_SEND_TIMEOUT", 60.0, allow_zero=False),
+            max_body_bytes=env.integer("MAX_BODY_BYTES", 32 * MIB, minimum=1),
+            max_client_connections=env.integer("MAX_CLIENT_CONNECTIONS", 10000, minimum=1),
+        )
+
+
+__all__ = ["ConfigError", "ProxyConfig"]

@@ -1,0 +1,64 @@
+"""Error types caught at the edge, and the OpenAI-style JSON error body every error response carries."""
+
+from __future__ import annotations
+
+import errno
+import json
+
+from gevent import GreenletExit
+
+_TYPE_BY_STATUS = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    408: "timeout_error",
+    413: "invalid_request_error",
+    414: "invalid_request_error",
+    431: "invalid_request_error",
+    501: "invalid_request_error",
+    502: "upstream_error",
+    503: "service_unavailable",
+    504: "timeout_error",
+    505: "invalid_request_error",
+}
+
+
+def error_type(status: int) -> str:
+    return _TYPE_BY_STATUS.get(status, "server_error" if status >= 500 else "invalid_request_error")
+
+
+def error_body(status: int, code: str, message: str, request_id: str) -> bytes:
+    """{"error": {"message", "type", "code", "request_id"}}: what OpenAI SDKs know how to show."""
+    return json.dumps(
+        {"error": {"message": message, "type": error_type(status), "code": code, "request_id": request_id}}
+    ).encode()
+
+
+class ClientError(Exception):
+    """The client's request is unusable (bad framing, too large, too slow...). Answered, then closed."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+class ClientGone(ConnectionResetError):
+    """The client closed its connection (EOF while we still needed its bytes)."""
+
+    def __init__(self, reason: str = "client_gone") -> None:
+        super().__init__(errno.ECONNRESET, reason)
+        self.reason = reason
+
+
+class ExchangeAborted(GreenletExit):
+    """Thrown into a request's greenlet to stop it wherever it waits: the client went away, or the
+    total deadline passed. A GreenletExit, so urllib3 does not wrap or retry it and pywsgi closes
+    the client connection without logging a traceback."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason

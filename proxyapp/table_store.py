@@ -1,0 +1,215 @@
+"""The worker's view of the token table: the current routes, swapped whole on reload.
+
+A stat-polling greenlet watches the file (inotify on the file itself dies at the first atomic
+replace). A new version is parsed with pauses so streams in flight keep flowing, then swapped in
+with one reference assignment: the request path reads ``store.routes`` with no lock. A bad
+version is logged once and the last good table stays in service.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat as stat_module
+import time
+from dataclasses import dataclass
+from typing import NamedTuple
+from urllib.parse import urlsplit
+
+import gevent
+
+from common import tokentable
+from common.jsonlog import mask_secret
+
+log = logging.getLogger("proxy.table")
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    """Where a route forwards to and with which key; shared by every token of one model."""
+
+    base_url: str  # the API URL without a trailing slash; the request path is appended
+    host: str  # host[:port], for logs
+    api_key: str
+    bearer: str  # "Bearer <key>", built once
+    masked_key: str
+    model_name: str
+
+    @classmethod
+    def build(cls, api_url: str, api_key: str, model_name: str) -> Upstream:
+        return cls(
+            base_url=api_url.rstrip("/"),
+            host=urlsplit(api_url).netloc,
+            api_key=api_key,
+            bearer="Bearer " + api_key,
+            masked_key=mask_secret(api_key),
+            model_name=model_name,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    token_id: int | str | None
+    expires_at: float | None
+    upstream: Upstream
+
+
+class FileVersion(NamedTuple):
+    """What identifies one version of the file; inode numbers alone are reused after a replace."""
+
+    dev: int
+    ino: int
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+
+    @classmethod
+    def of(cls, st: os.stat_result) -> FileVersion:
+        return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedTable:
+    routes: dict[str, Route]
+    generated_at: str
+    generated_epoch: float | None
+    loaded_at: float
+    version: FileVersion
+
+
+def _epoch(iso_text: str) -> float | None:
+    try:
+        return tokentable.parse_expire_at(iso_text)
+    except tokentable.TableFormatError:
+        return None
+
+
+def build_routes(table: tokentable.TokenTable, pause=None, pause_every: int = 5000) -> dict[str, Route]:
+    upstreams: dict[tuple[str, str, str], Upstream] = {}
+    routes: dict[str, Route] = {}
+    for count, (token, row) in enumerate(table.tokens.items(), 1):
+        key = (row.ai_model_api_url, row.ai_model_api_key, row.ai_model_name)
+        upstream = upstreams.get(key)
+        if upstream is None:
+            upstream = upstreams[key] = Upstream.build(*key)
+        routes[token] = Route(row.token_id, row.expires_at, upstream)
+        if pause is not None and count % pause_every == 0:
+            pause()
+    return routes
+
+
+class TableStore:
+    """Holds the current table (``current``, None until the first good load) and watches the file."""
+
+    def __init__(self, path: str, poll_interval: float) -> None:
+        self.path = path
+        self.poll_interval = poll_interval
+        self.current: LoadedTable | None = None
+        self.reload_failures = 0
+        self._rejected: FileVersion | None = None  # last bad version, logged once
+        self._missing_logged = False
+        self._watcher: gevent.Greenlet | None = None
+
+    # -- loading
+
+    def check(self) -> bool:
+        """Load the file if it changed since the last look. Returns True when a new table was swapped in."""
+        try:
+            version = FileVersion.of(os.stat(self.path))
+        except FileNotFoundError:
+            if not self._missing_logged:
+                self._missing_logged = True
+                log.warning(
+                    "token table file is missing; keeping the current table",
+                    extra={
+                        "event": "table_missing",
+                        "path": self.path,
+                        "table_loaded": self.current is not None,
+                    },
+                )
+            return False
+        except OSError as exc:
+            self._reject(None, f"cannot stat: {exc.strerror}")
+            return False
+        self._missing_logged = False
+        if (self.current is not None and version == self.current.version) or version == self._rejected:
+            return False
+        return self._load()
+
+    def _load(self) -> bool:
+        started = time.monotonic()
+        try:
+            table, st = tokentable.read(self.path, pause=_pause)
+            version = FileVersion.of(st)
+            routes = build_routes(table, pause=_pause)
+        except tokentable.TableFormatError as exc:
+            try:
+                version = FileVersion.of(os.stat(self.path))
+            except OSError:
+                version = None
+            self._reject(version, str(exc))
+            return False
+        self._warn_if_readable_by_others(st)
+        self.current = LoadedTable(
+            routes=routes,
+            generated_at=table.generated_at,
+            generated_epoch=_epoch(table.generated_at),
+            loaded_at=time.time(),
+            version=version,
+        )
+        self._rejected = None
+        log.info(
+            "token table loaded",
+            extra={
+                "event": "table_loaded",
+                "path": self.path,
+                "tokens": len(routes),
+                "generated_at": table.generated_at,
+                "load_ms": round((time.monotonic() - started) * 1000, 1),
+            },
+        )
+        return True
+
+    def _reject(self, version: FileVersion | None, reason: str) -> None:
+        if version is not None and version == self._rejected:
+            return
+        self._rejected = version
+        self.reload_failures += 1
+        log.error(
+            "token table file rejected; keeping the last good table",
+            extra={
+                "event": "table_rejected",
+                "path": self.path,
+                "reason": reason,
+                "table_loaded": self.current is not None,
+            },
+        )
+
+    def _warn_if_readable_by_others(self, st: os.stat_result) -> None:
+        if st.st_mode & (stat_module.S_IRWXG | stat_module.S_IRWXO):
+            log.warning(
+                "token table file is readable by group or others; it holds upstream keys (chmod 600)",
+                extra={"event": "table_permissions", "path": self.path, "mode": oct(st.st_mode & 0o777)},
+            )
+
+    # -- watching
+
+    def start_watching(self) -> gevent.Greenlet:
+        self._watcher = gevent.spawn(self._watch_forever)
+        return self._watcher
+
+    def stop_watching(self) -> None:
+        if self._watcher is not None:
+            self._watcher.kill(block=False)
+
+    def _watch_forever(self) -> None:
+        while True:
+            gevent.sleep(self.poll_interval)
+            try:
+                self.check()
+            except Exception:  # the watcher must outlive any fault; a dead watcher never reloads
+                log.exception("token table watcher error", extra={"event": "table_watch_error"})
+
+
+def _pause() -> None:
+    gevent.sleep(0)

@@ -1,0 +1,126 @@
+"""Flask routes: the catch-all proxy view and the /_proxy/* operational endpoints."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+import uuid
+
+from flask import Flask, Response, request
+from werkzeug.exceptions import HTTPException
+from werkzeug.routing import BaseConverter
+
+from proxyapp.errors import error_body
+from proxyapp.forward import Forwarder
+from proxyapp.logs import log_access
+from proxyapp.table_store import TableStore
+
+log = logging.getLogger("proxy.app")
+
+PROXIED_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
+
+
+class _AnyPath(BaseConverter):
+    """Matches every path, '//x' and trailing slashes included (werkzeug's 'path' does not)."""
+
+    regex = ".*"
+    part_isolating = False
+
+
+def _json(payload: bytes, status: int, request_id: str, extra: dict | None = None) -> Response:
+    headers = {"X-Request-ID": request_id, "Cache-Control": "no-store"}
+    if extra:
+        headers.update(extra)
+    return Response(payload, status=status, mimetype="application/json", headers=headers)
+
+
+def register(
+    app: Flask, forwarder: Forwarder, store: TableStore | None, sync_interval_minutes: float
+) -> None:
+    app.url_map.converters["anypath"] = _AnyPath
+    app.url_map.strict_slashes = False
+    app.url_map.merge_slashes = False
+
+    def proxy(path: str):
+        return forwarder.handle(request.environ)
+
+    def healthz():
+        return _json(b'{"status": "ok"}', 200, _request_id())
+
+    def readyz():
+        if store is None:
+            return _json(json.dumps({"table_loaded": True, "mode": "legacy"}).encode(), 200, _request_id())
+        table = store.current
+        if table is None:
+            body = {"table_loaded": False, "tokens": 0, "path": store.path}
+            return _json(json.dumps(body).encode(), 503, _request_id(), {"Retry-After": "5"})
+        now = time.time()
+        age = round(now - table.generated_epoch, 1) if table.generated_epoch else None
+        body = {
+            "table_loaded": True,
+            "tokens": len(table.routes),
+            "generated_at": table.generated_at,
+            "age_s": age,
+            "stale": age is not None and age > 3 * sync_interval_minutes * 60,
+            "loaded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(table.loaded_at)),
+            "reload_failures": store.reload_failures,
+            "in_flight": forwarder.in_flight,
+        }
+        return _json(json.dumps(body).encode(), 200, _request_id())
+
+    app.add_url_rule("/_proxy/healthz", "healthz", healthz, methods=["GET"])
+    app.add_url_rule("/_proxy/readyz", "readyz", readyz, methods=["GET"])
+    app.add_url_rule(
+        "/",
+        "proxy_root",
+        proxy,
+        defaults={"path": ""},
+        methods=PROXIED_METHODS,
+        provide_automatic_options=False,
+    )
+    app.add_url_rule(
+        "/<anypath:path>", "proxy", proxy, methods=PROXIED_METHODS, provide_automatic_options=False
+    )
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException):
+        return _logged_error(exc.code or 500, _code_for(exc), exc.description or exc.name)
+
+    @app.errorhandler(Exception)
+    def unexpected_error(exc: Exception):
+        request_id = _request_id()
+        log.exception("unhandled error", extra={"event": "unhandled_error", "request_id": request_id})
+        return _logged_error(500, "internal_error", "Internal proxy error.", request_id)
+
+
+def _code_for(exc: HTTPException) -> str:
+    return {405: "method_not_allowed", 404: "not_found"}.get(exc.code or 0, "http_error")
+
+
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
+
+
+def _request_id() -> str:
+    value = request.headers.get("X-Request-ID", "")
+    if _REQUEST_ID.fullmatch(value):
+        return value
+    return uuid.uuid4().hex
+
+
+def _logged_error(status: int, code: str, message: str, request_id: str | None = None) -> Response:
+    request_id = request_id or _request_id()
+    environ = request.environ
+    log_access(
+        {
+            "request_id": request_id,
+            "method": environ.get("REQUEST_METHOD"),
+            "path": environ.get("PATH_INFO", ""),
+            "client_ip": environ.get("REMOTE_ADDR", ""),
+            "status": status,
+            "end_reason": "rejected" if status < 500 else "error",
+            "error": message,
+        }
+    )
+    return _json(error_body(status, code, message, request_id), status, request_id)

@@ -1,0 +1,119 @@
+"""Entry point of one proxy worker: ``python wsgi.py``.
+
+Monkey patching comes first of all: requests imported before it breaks SSL under gevent.
+``application`` is also exposed for other WSGI servers (built on first access).
+"""
+
+from gevent import monkey
+
+monkey.patch_all()
+
+import logging  # noqa: E402
+import resource  # noqa: E402
+import signal  # noqa: E402
+import sys  # noqa: E402
+
+import gevent  # noqa: E402
+from gevent.event import Event  # noqa: E402
+
+from common.envparse import ConfigError  # noqa: E402
+from common.jsonlog import setup as setup_logging  # noqa: E402
+from proxyapp import create_app  # noqa: E402
+from proxyapp.config import ProxyConfig  # noqa: E402
+from proxyapp.logs import log_rejected_request  # noqa: E402
+from proxyapp.server import ProxyServer, bind_listener  # noqa: E402
+
+log = logging.getLogger("proxy")
+
+
+def build():
+    """Config, logging, the app, and the first table load; the file watcher is started."""
+    config = ProxyConfig.from_env()
+    setup_logging(config.log_level, "proxy")
+    app = create_app(config)
+    store = app.extensions["proxy.table_store"]
+    if store is not None:
+        store.check()
+        if store.current is None:
+            log.warning(
+                "no token table loaded yet: answering 503 until a good file appears",
+                extra={"event": "table_not_loaded", "path": store.path},
+            )
+        store.start_watching()
+    return config, app
+
+
+def _connection_limit(wanted: int) -> int:
+    """Raise the open-file limit as far as allowed; keep room for one upstream socket per client."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        target = 1048576 if hard == resource.RLIM_INFINITY else hard
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    return max(16, min(wanted, (soft - 64) // 2))
+
+
+def main() -> int:
+    try:
+        config, app = build()
+    except ConfigError as exc:
+        print(f"proxy: configuration error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        listener = bind_listener(config.listen_host, config.listen_port)
+    except OSError as exc:
+        log.error("cannot listen", extra={"event": "listen_failed", "error": str(exc)})
+        return 1
+    max_connections = _connection_limit(config.max_client_connections)
+    config_for_server = (
+        config if max_connections == config.max_client_connections else _with_limit(config, max_connections)
+    )
+    server = ProxyServer(listener, app, config=config_for_server, on_rejected_request=log_rejected_request)
+    stop = Event()
+    gevent.signal_handler(signal.SIGTERM, stop.set)
+    gevent.signal_handler(signal.SIGINT, stop.set)
+    server.start()
+    log.info(
+        "listening",
+        extra={
+            "event": "listening",
+            "address": f"{config.listen_host}:{listener.getsockname()[1]}",
+            "token_routing": config.enable_token_routing,
+            "max_connections": max_connections,
+        },
+    )
+    stop.wait()
+    in_flight = len(server.connection_pool)
+    log.info(
+        "draining",
+        extra={"event": "draining", "connections": in_flight, "timeout_s": config.graceful_timeout},
+    )
+    server.drain()
+    drained = server.wait_drained(config.graceful_timeout)
+    log.info("stopped", extra={"event": "stopped", "drained": drained})
+    return 0
+
+
+def _with_limit(config: ProxyConfig, limit: int) -> ProxyConfig:
+    from dataclasses import replace
+
+    return replace(config, max_client_connections=limit)
+
+
+_application = None
+
+
+def __getattr__(name: str):
+    global _application
+    if name == "application":
+        if _application is None:
+            _application = build()[1]
+        return _application
+    raise AttributeError(name)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
