@@ -1,0 +1,139 @@
+"""Live-server fixtures: a fake upstream, and the proxy started as deployed (python wsgi.py)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+import requests
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from tests.support.procs import PYTHON, Process, free_port, port_open, wait_for  # noqa: E402
+from tests.support.tables import CLIENT_TOKEN, UPSTREAM_KEY, row, write_table  # noqa: E402
+
+
+class FakeUpstream:
+    """The fake upstream process (tests/fakes/upstream.py) and its control API."""
+
+    def __init__(self, process: Process, port: int) -> None:
+        self.process = process
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+
+    def requests(self) -> list[dict]:
+        return requests.get(self.url + "/_fake/requests", timeout=5).json()
+
+    def connections(self) -> list[dict]:
+        return requests.get(self.url + "/_fake/connections", timeout=5).json()
+
+    def clear(self) -> None:
+        requests.delete(self.url + "/_fake/requests", timeout=5)
+
+
+def start_fake_upstream(log_dir: Path) -> FakeUpstream:
+    port = free_port()
+    process = Process(
+        [PYTHON, "-m", "tests.fakes.upstream", "--port", str(port)], env={}, log_path=log_dir / f"upstream-{port}.log"
+    )
+    wait_for(lambda: port_open(port), timeout=15, what="fake upstream port")
+    return FakeUpstream(process, port)
+
+
+@pytest.fixture(scope="session")
+def upstream(tmp_path_factory) -> FakeUpstream:
+    fake = start_fake_upstream(tmp_path_factory.mktemp("upstream"))
+    yield fake
+    fake.process.stop()
+
+
+class Proxy:
+    """A proxy worker process (python wsgi.py) on its own port, with its token file."""
+
+    def __init__(self, process: Process, port: int, token_file: Path) -> None:
+        self.process = process
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.token_file = token_file
+
+    def access_lines(self) -> list[dict]:
+        return [r for r in self.process.json_lines() if r.get("logger") == "proxy.access"]
+
+    def access_line(self, request_id: str, timeout: float = 5.0) -> dict:
+        return self.process.wait_for_log(
+            lambda r: r.get("logger") == "proxy.access" and r.get("request_id") == request_id,
+            timeout=timeout,
+            what=f"access line of {request_id}",
+        )
+
+    def stop(self, timeout: float = 15.0) -> int | None:
+        return self.process.stop(timeout)
+
+    def terminate(self) -> None:
+        self.process.signal(signal.SIGTERM)
+
+
+def start_proxy(tmp_path: Path, env: dict[str, str] | None = None, *, wait_ready: bool = True) -> Proxy:
+    port = free_port()
+    token_file = Path((env or {}).get("TOKEN_FILE", tmp_path / "tokens.json"))
+    full_env = {
+        "LISTEN_ADDR": f"127.0.0.1:{port}",
+        "TOKEN_FILE": str(token_file),
+        "TOKEN_FILE_POLL": "0.1",
+        "LOG_LEVEL": "info",
+        "GRACEFUL_TIMEOUT": "10",
+        "HOME": str(tmp_path),  # a ~/.netrc of the machine must not matter
+    }
+    full_env.update(env or {})
+    process = Process([PYTHON, str(REPO / "wsgi.py")], env=full_env, log_path=tmp_path / f"proxy-{port}.log")
+    try:
+        wait_for(lambda: port_open(port) or not process.alive(), timeout=20, what="proxy port")
+    except AssertionError:
+        process.stop()
+        raise
+    assert process.alive(), process.output()
+    proxy = Proxy(process, port, token_file)
+    if wait_ready and full_env.get("ENABLE_TOKEN_ROUTING", "true") == "true" and token_file.exists():
+        wait_for(lambda: requests.get(proxy.url + "/_proxy/readyz", timeout=5).status_code == 200, timeout=10)
+    return proxy
+
+
+@pytest.fixture
+def default_rows(upstream) -> dict[str, dict]:
+    return {CLIENT_TOKEN: row(upstream.url + "/v1", UPSTREAM_KEY, token_id=7, ai_model_name="FakeModel")}
+
+
+@pytest.fixture
+def proxy_factory(tmp_path):
+    started: list[Proxy] = []
+
+    def factory(env: dict[str, str] | None = None, rows: dict[str, dict] | None = None, **kwargs) -> Proxy:
+        token_file = Path((env or {}).get("TOKEN_FILE", tmp_path / "tokens.json"))
+        if rows is not None:
+            write_table(token_file, rows)
+        proxy = start_proxy(tmp_path, env, **kwargs)
+        started.append(proxy)
+        return proxy
+
+    yield factory
+    for proxy in started:
+        proxy.stop()
+
+
+@pytest.fixture
+def proxy(proxy_factory, default_rows) -> Proxy:
+    """A token-routing proxy whose table maps CLIENT_TOKEN to the fake upstream's /v1."""
+    return proxy_factory(rows=default_rows)
+
+
+@pytest.fixture
+def auth() -> dict[str, str]:
+    return {"Authorization": f"Bearer {CLIENT_TOKEN}"}
+
+
+os.environ.setdefault("NO_PROXY", "127.0.0.1,localhost")
