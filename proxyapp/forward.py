@@ -334,7 +334,7 @@ class Exchange:
 
     def _on_client_readable(self) -> None:
         try:
-            data = socket.socket.recv(self._client_sock, 1, socket.MSG_PEEK)
+            data = self._client_sock.recv(1, socket.MSG_PEEK)  # the raw non-blocking socket
         except BlockingIOError:
             return
         except OSError:
