@@ -180,6 +180,7 @@ class ProxyHandler(WSGIHandler):
     query = ""
     request_id_hint = None
     client_failure: str | None = None  # why the last write to the client failed
+    served = 0  # requests answered on this connection
     _linger = False
 
     def handle(self) -> None:
@@ -237,7 +238,9 @@ class ProxyHandler(WSGIHandler):
         """Wait up to the idle timeout for the first byte, then read the request line under the
         header deadline. None means close quietly (timeout, EOF, drain)."""
         server = self.server
-        self.socket.settimeout(server.client_idle_timeout)
+        # While draining, a connection that was queued before the listener closed still gets its
+        # first request served, but only if it comes soon.
+        self.socket.settimeout(server.client_idle_timeout if not server.draining else 1.0)
         server.idle_handlers.add(self)
         try:
             if not self.rfile.peek(1):
@@ -259,7 +262,7 @@ class ProxyHandler(WSGIHandler):
         return line or None
 
     def handle_one_request(self):
-        if self.rfile.closed or self.server.draining:
+        if self.rfile.closed or (self.server.draining and self.served):
             return None
         line = self._await_request_line()
         if line is None:
@@ -281,6 +284,7 @@ class ProxyHandler(WSGIHandler):
         self.environ = self.get_environ()
         self.application = self.server.application
         self.handle_one_response()
+        self.served += 1
         if self.close_connection or self.rfile.closed:
             return None
         return True
@@ -505,16 +509,30 @@ class ProxyServer(WSGIServer):
     def drain(self) -> None:
         """Stop accepting, close idle keep-alive connections, let requests in flight finish."""
         self.draining = True
-        self.close()  # stops accepting; keeps handler greenlets running
+        self.stop_accepting()
+        # Connections the kernel already queued on this socket would be reset by close(): with
+        # SO_REUSEPORT they are ours alone, so accept and serve them before closing.
+        while True:
+            try:
+                accepted = self.do_read()
+            except OSError:
+                break
+            if not accepted:
+                break
+            self.do_handle(*accepted)
+        self.close()
+        self._close_idle()
+
+    def _close_idle(self) -> None:
         for handler in list(self.idle_handlers):
-            handler.greenlet.kill(block=False)
+            if handler.served:
+                handler.greenlet.kill(block=False)
 
     def wait_drained(self, timeout: float) -> bool:
         """True when every connection finished within ``timeout``; the rest are killed."""
         deadline = time.monotonic() + timeout
         while self.connection_pool.free_count() < self.connection_pool.size:
-            for handler in list(self.idle_handlers):
-                handler.greenlet.kill(block=False)
+            self._close_idle()
             if time.monotonic() >= deadline:
                 self.connection_pool.kill(block=True, timeout=1)
                 return False
