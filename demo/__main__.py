@@ -30,7 +30,10 @@ class BackendHandler(BaseHTTPRequestHandler):
         if self.path.split("?")[0] != "/api/tokens/with-model":
             return self._json(404, {"code": 404, "message": "not found"})
         with open(self.data_file, encoding="utf-8") as handle:
-            rows = json.load(handle)
+            text = handle.read()
+        # The example file names the demo upstream's port as ${DEMO_UPSTREAM_PORT}.
+        text = text.replace("${DEMO_UPSTREAM_PORT}", os.environ.get("DEMO_UPSTREAM_PORT", "6900"))
+        rows = json.loads(text)
         self._json(200, {"code": 0, "message": "success", "data": rows})
 
     def _json(self, status: int, payload: dict) -> None:
