@@ -123,6 +123,7 @@ def setup(level: str, service: str, stream=None) -> logging.Logger:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(LEVELS.get(level, "INFO"))
-    # urllib3 logs every retry and pool event with the URL; keep it quiet unless debugging.
-    logging.getLogger("urllib3").setLevel(logging.DEBUG if level == "debug" else logging.WARNING)
+    # urllib3's debug lines carry full upstream URLs (query strings may hold keys) and know
+    # nothing of the request's secrets: keep them off even at LOG_LEVEL=debug.
+    logging.getLogger("urllib3").setLevel(logging.WARNING)
     return logging.getLogger(service)

@@ -421,7 +421,7 @@ class Exchange:
             {
                 "request_id": self.request_id,
                 "method": self.method,
-                "path": environ.get("PATH_INFO", ""),
+                "path": mask_text(environ.get("PATH_INFO", ""), secrets),
                 "query": mask_text(query, secrets) if query else "",
                 "client_ip": environ.get("REMOTE_ADDR", ""),
                 "status": self.status,

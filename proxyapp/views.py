@@ -12,6 +12,7 @@ from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
 from werkzeug.routing import BaseConverter
 
+from common.jsonlog import mask_text
 from proxyapp.errors import error_body
 from proxyapp.forward import Forwarder
 from proxyapp.logs import log_access
@@ -116,7 +117,7 @@ def _logged_error(status: int, code: str, message: str, request_id: str | None =
         {
             "request_id": request_id,
             "method": environ.get("REQUEST_METHOD"),
-            "path": environ.get("PATH_INFO", ""),
+            "path": mask_text(environ.get("PATH_INFO", ""), ()),
             "client_ip": environ.get("REMOTE_ADDR", ""),
             "status": status,
             "end_reason": "rejected" if status < 500 else "error",

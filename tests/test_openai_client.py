@@ -1,0 +1,121 @@
+"""The official openai package pointed at the proxy: what real clients do must work unchanged."""
+
+from __future__ import annotations
+
+import re
+
+import openai
+import pytest
+from openai import OpenAI
+
+from tests.conftest import start_proxy
+from tests.support.tables import CLIENT_TOKEN, UPSTREAM_KEY, row, write_table
+
+HEX32 = re.compile(r"[0-9a-f]{32}")
+MESSAGES = [{"role": "user", "content": "Say hello"}]
+
+
+@pytest.fixture(scope="module")
+def op(tmp_path_factory, upstream):
+    tmp = tmp_path_factory.mktemp("openai")
+    write_table(
+        tmp / "tokens.json",
+        {CLIENT_TOKEN: row(upstream.url + "/v1", UPSTREAM_KEY, token_id=7, ai_model_name="FakeModel")},
+    )
+    proxy = start_proxy(tmp)
+    yield proxy
+    proxy.stop()
+
+
+def client_for(proxy, api_key: str = CLIENT_TOKEN, **kwargs) -> OpenAI:
+    return OpenAI(base_url=proxy.url + "/", api_key=api_key, max_retries=0, timeout=10, **kwargs)
+
+
+def test_chat_completion(op, upstream):
+    client = client_for(op)
+    raw = client.chat.completions.with_raw_response.create(
+        model="gpt-fake", messages=MESSAGES, extra_headers={"X-Fake": "json;size=900"}
+    )
+    completion = raw.parse()
+    assert completion.object == "chat.completion"
+    assert completion.model == "gpt-fake"
+    assert completion.choices[0].finish_reason == "stop"
+    assert completion.choices[0].message.role == "assistant"
+    assert completion.choices[0].message.content.startswith("lorem ipsum")
+    assert completion.usage.prompt_tokens == 11
+    assert completion.usage.completion_tokens == 22
+    assert completion.usage.total_tokens == 33
+    rid = raw.headers["x-request-id"]
+    assert HEX32.fullmatch(rid)
+    line = op.access_line(rid)
+    assert line["path"] == "/chat/completions"
+    assert line["status"] == 200
+    (record,) = [
+        r
+        for r in upstream.requests()
+        if any(n.lower() == "x-request-id" and v == rid for n, v in r["headers"])
+    ]
+    assert record["target"] == "/v1/chat/completions"
+    assert [v for n, v in record["headers"] if n.lower() == "authorization"] == [f"Bearer {UPSTREAM_KEY}"]
+
+
+@pytest.mark.parametrize("events", [1, 5, 12])
+def test_streaming_chat_completion_yields_every_chunk(op, events):
+    client = client_for(op)
+    stream = client.chat.completions.create(
+        model="gpt-fake",
+        messages=MESSAGES,
+        stream=True,
+        extra_headers={"X-Fake": f"sse;events={events};interval=0.01"},
+    )
+    pieces = []
+    finish = []
+    for chunk in stream:
+        assert chunk.object == "chat.completion.chunk"
+        assert chunk.model == "gpt-fake"
+        if chunk.choices:
+            pieces.append(chunk.choices[0].delta.content)
+            finish.append(chunk.choices[0].finish_reason)
+    assert pieces == [f"tok{i} " for i in range(events)]
+    assert finish[-1] == "stop"
+    assert all(f is None for f in finish[:-1])
+
+
+def test_streaming_with_usage(op):
+    client = client_for(op)
+    stream = client.chat.completions.create(
+        model="gpt-fake",
+        messages=MESSAGES,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_headers={"X-Fake": "sse;events=3;interval=0.01;comment"},
+    )
+    chunks = list(stream)
+    contents = [c.choices[0].delta.content for c in chunks if c.choices]
+    assert contents == ["tok0 ", "tok1 ", "tok2 "]
+    assert chunks[-1].usage is not None
+    assert chunks[-1].usage.total_tokens == 33
+
+
+def test_unknown_key_raises_authentication_error_with_our_message(op):
+    client = client_for(op, api_key="sk-not-a-known-token-0123456789")
+    with pytest.raises(openai.AuthenticationError) as caught:
+        client.chat.completions.create(model="gpt-fake", messages=MESSAGES)
+    error = caught.value
+    assert error.status_code == 401
+    assert "Invalid API token." in str(error)
+    assert isinstance(error.body, dict)
+    assert error.body["message"] == "Invalid API token."
+    assert error.body["code"] == "invalid_token"
+    assert HEX32.fullmatch(error.request_id)
+    assert error.body["request_id"] == error.request_id
+
+
+def test_upstream_error_status_reaches_the_client_as_the_matching_exception(op):
+    client = client_for(op)
+    with pytest.raises(openai.RateLimitError) as caught:
+        client.chat.completions.create(
+            model="gpt-fake", messages=MESSAGES, extra_headers={"X-Fake": "json;status=429"}
+        )
+    assert caught.value.status_code == 429
+    assert "fake error" in str(caught.value)
