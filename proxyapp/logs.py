@@ -19,12 +19,9 @@ def headers_for_log(headers: Iterable[tuple[str, str]], secrets: tuple[str, ...]
     logged: dict[str, str] = {}
     for name, value in headers:
         lower = name.lower()
-        if lower in SECRET_HEADERS:
-            value = mask_header_value(lower, value)
-        else:
-            value = mask_text(value, secrets)
+        masked = mask_header_value(lower, value) if lower in SECRET_HEADERS else mask_text(value, secrets)
         previous = logged.get(name)
-        logged[name] = value if previous is None else previous + ", " + value
+        logged[name] = masked if previous is None else previous + ", " + masked
     return logged
 
 

@@ -32,7 +32,9 @@ class Rejection:
 
 @dataclass(frozen=True, slots=True)
 class Decision:
-    """Where to forward, and what credential header (name, value) to send upstream (None: keep the client's)."""
+    """Where to forward, and the credential header (name, value) to send upstream.
+
+    ``auth_header`` None means the client's own credential goes through (legacy, no override)."""
 
     route: Route
     auth_header: tuple[str, str] | None
