@@ -212,4 +212,6 @@ class TableStore:
 
 
 def _pause() -> None:
-    gevent.sleep(0)
+    # A positive sleep, not sleep(0): sleep(0) only queues a callback, and the loop runs up to 50
+    # queued callbacks before it polls sockets again, so streams would stall for ~50 pauses.
+    gevent.sleep(0.001)

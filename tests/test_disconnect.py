@@ -1,0 +1,203 @@
+"""A client that leaves: the proxy closes the upstream connection at once, logs it, and stays healthy.
+
+The fake upstream polls its sockets while it waits, so its connection records say when the proxy
+closed the upstream connection (``closed``) and whether that happened mid-response.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import struct
+import time
+import uuid
+
+import requests
+
+from tests.support.procs import wait_for
+
+CHAT = "/v1/chat/completions"
+BODY = json.dumps({"model": "m-disconnect", "messages": [{"role": "user", "content": "hi"}]}).encode()
+EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+def open_stream(port: int, headers: dict[str, str], timeout: float = 10.0) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    lines = ["POST " + CHAT + " HTTP/1.1", "Host: proxy.test", "Content-Type: application/json"]
+    lines += [f"{name}: {value}" for name, value in headers.items()]
+    lines.append(f"Content-Length: {len(BODY)}")
+    sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + BODY)
+    return sock
+
+
+def read_events(sock: socket.socket, count: int) -> tuple[bytes, list[str]]:
+    """Read the response head and the body until ``count`` SSE data events have arrived (chunk
+    framing is left in the bytes; event data lines are found in them all the same)."""
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        data = sock.recv(65536)
+        assert data, f"connection closed before the head: {buf!r}"
+        buf += data
+    head, _, rest = buf.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), head
+    events: list[str] = []
+    while True:
+        events = re.findall(rb"data: (\{.*?\}|\[DONE\])(?:\r\n\r\n|\n\n)", rest)
+        if len(events) >= count:
+            return head, [e.decode() for e in events]
+        data = sock.recv(65536)
+        assert data, "connection closed mid-stream"
+        rest += data
+
+
+def abortive_close(sock: socket.socket) -> None:
+    """Close with a TCP RST instead of a FIN."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+def upstream_records(upstream, request_id: str) -> list[dict]:
+    return [
+        rec
+        for rec in upstream.requests()
+        if any(name.lower() == "x-request-id" and value == request_id for name, value in rec["headers"])
+    ]
+
+
+def closed_upstream_connection(upstream, request_id: str, timeout: float) -> dict:
+    """The fake's record of the connection that carried ``request_id``, once it is closed."""
+
+    def find():
+        records = upstream_records(upstream, request_id)
+        if not records:
+            return None
+        conn = next((c for c in upstream.connections() if c["conn_id"] == records[0]["conn_id"]), None)
+        return conn if conn is not None and conn["closed"] is not None else None
+
+    return wait_for(find, timeout=timeout, interval=0.02, what=f"upstream connection of {request_id} closed")
+
+
+def full_stream_size(upstream, fake: str) -> int:
+    """Bytes of the whole body the fake sends for ``fake`` (direct, no proxy), framing excluded."""
+    response = requests.post(upstream.url + CHAT, data=BODY, headers={"X-Fake": fake}, timeout=30)
+    assert response.status_code == 200
+    return len(response.content)
+
+
+def new_id() -> str:
+    return "d-" + uuid.uuid4().hex
+
+
+def in_flight(proxy) -> int:
+    return requests.get(proxy.url + "/_proxy/readyz", timeout=5).json()["in_flight"]
+
+
+# ------------------------------------------------------------------------------------------ tests
+
+
+def test_client_leaving_mid_stream_closes_the_upstream(proxy, upstream, auth):
+    request_id = new_id()
+    sock = open_stream(
+        proxy.port, {**auth, "X-Fake": "sse;events=100;interval=0.1", "X-Request-ID": request_id}
+    )
+    try:
+        _, events = read_events(sock, 2)
+        assert [json.loads(e)["i"] for e in events[:2]] == [0, 1]
+    finally:
+        sock.close()
+    left = time.time()
+
+    conn = closed_upstream_connection(upstream, request_id, timeout=5)
+    assert conn["peer_gone_during_response"] is True, conn
+    assert conn["closed_by"] == "client", conn
+    assert conn["closed"] - left < 1.0, f"upstream closed {conn['closed'] - left:.2f}s after the client left"
+
+    access = proxy.access_line(request_id)
+    assert access["end_reason"] == "client_gone", access
+    assert access["status"] == 200
+    # A full stream is 100 events; the client left after about 2 of them (0.1 s apart).
+    full = full_stream_size(upstream, "sse;events=100;interval=0")
+    assert 0 < access["response_size_bytes"] < full / 4, (access["response_size_bytes"], full)
+
+
+def test_client_leaving_before_the_first_byte_closes_the_upstream(proxy, upstream, auth):
+    """The hard case: the proxy has nothing to write yet, so only watching the client socket can tell."""
+    request_id = new_id()
+    sock = open_stream(
+        proxy.port, {**auth, "X-Fake": "sse;events=3;first_delay=10", "X-Request-ID": request_id}
+    )
+    wait_for(lambda: upstream_records(upstream, request_id), timeout=5, what="request at the upstream")
+    time.sleep(0.5)
+    sock.close()
+    left = time.time()
+
+    conn = closed_upstream_connection(upstream, request_id, timeout=5)
+    assert conn["closed"] - left < 1.0, f"upstream closed {conn['closed'] - left:.2f}s after the client left"
+    assert conn["peer_gone_during_response"] is True, conn
+    assert conn["closed_by"] == "client", conn
+
+    access = proxy.access_line(request_id)
+    assert access["end_reason"] == "client_gone", access
+    assert access["status"] == 499, access
+    assert access["response_size_bytes"] == 0
+
+
+def test_client_reset_before_the_first_byte_closes_the_upstream(proxy, upstream, auth):
+    request_id = new_id()
+    sock = open_stream(
+        proxy.port, {**auth, "X-Fake": "sse;events=3;first_delay=10", "X-Request-ID": request_id}
+    )
+    wait_for(lambda: upstream_records(upstream, request_id), timeout=5, what="request at the upstream")
+    time.sleep(0.3)
+    abortive_close(sock)
+    left = time.time()
+    conn = closed_upstream_connection(upstream, request_id, timeout=5)
+    assert conn["closed"] - left < 1.0
+    assert conn["peer_gone_during_response"] is True
+    access = proxy.access_line(request_id)
+    assert (access["status"], access["end_reason"]) == (499, "client_gone"), access
+
+
+def test_many_disconnects_leave_the_proxy_healthy(proxy, upstream, auth):
+    ids = []
+    for n in range(50):
+        request_id = new_id()
+        ids.append(request_id)
+        sock = open_stream(
+            proxy.port, {**auth, "X-Fake": "sse;events=100;interval=0.02", "X-Request-ID": request_id}
+        )
+        try:
+            read_events(sock, 1)
+        finally:
+            if n % 2:
+                abortive_close(sock)
+            else:
+                sock.close()
+
+    # Every exchange is over: nothing in flight, every upstream connection closed, one access line each.
+    wait_for(lambda: in_flight(proxy) == 0, timeout=2, what="in_flight back to 0")
+    for request_id in ids:
+        conn = closed_upstream_connection(upstream, request_id, timeout=5)
+        assert conn["peer_gone_during_response"] is True, conn
+    wait_for(
+        lambda: len({r["request_id"] for r in proxy.access_lines() if r["request_id"] in ids}) == 50,
+        timeout=5,
+        what="50 access lines",
+    )
+    lines = {r["request_id"]: r for r in proxy.access_lines() if r["request_id"] in ids}
+    assert {r["end_reason"] for r in lines.values()} == {"client_gone"}, lines
+
+    # And it still serves.
+    started = time.monotonic()
+    response = requests.post(
+        proxy.url + CHAT, data=BODY, headers={**auth, "X-Fake": "sse;events=3"}, timeout=10
+    )
+    assert response.status_code == 200
+    assert response.text.endswith("data: [DONE]\n\n") and response.text.count("chat.completion.chunk") == 3
+    assert time.monotonic() - started < 2
+    assert in_flight(proxy) == 0
+    assert "Traceback" not in proxy.process.output()

@@ -1,0 +1,332 @@
+"""Reloading the token table file under a running proxy: streams in flight are untouched, new tokens
+work at once, bad files keep the last good table (logged once per bad version), big tables load
+without stalling streams. The fixture polls the file every 0.1 s (TOKEN_FILE_POLL)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+import socket
+import threading
+import time
+import uuid
+
+import requests
+
+from common import tokentable
+from tests.support.procs import wait_for
+from tests.support.tables import CLIENT_TOKEN, OTHER_CLIENT_TOKEN, UPSTREAM_KEY, make_table, row, write_table
+
+CHAT = "/v1/chat/completions"
+BODY = json.dumps({"model": "m-reload", "messages": [{"role": "user", "content": "hi"}]}).encode()
+EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def post(proxy, token: str, fake: str = "json;size=200", request_id: str | None = None, session=None):
+    headers = {**bearer(token), "X-Fake": fake}
+    if request_id is not None:
+        headers["X-Request-ID"] = request_id
+    return (session or requests).post(proxy.url + CHAT, data=BODY, headers=headers, timeout=10)
+
+
+def new_id() -> str:
+    return "r-" + uuid.uuid4().hex
+
+
+class StreamReader(threading.Thread):
+    """Reads one SSE response through a raw socket in the background, recording when each event came."""
+
+    def __init__(self, port: int, token: str, fake: str, request_id: str) -> None:
+        super().__init__(daemon=True)
+        self.port, self.token, self.fake, self.request_id = port, token, fake, request_id
+        self.events: list[tuple[float, str]] = []
+        self.status = 0
+        self.clean_end = False
+        self.ended_at: float | None = None
+        self.error: BaseException | None = None
+        self.first_events = threading.Event()
+
+    def run(self) -> None:
+        try:
+            self._run()
+        except BaseException as exc:
+            self.error = exc
+        finally:
+            self.ended_at = time.time()
+            self.first_events.set()
+
+    def _run(self) -> None:
+        sock = socket.create_connection(("127.0.0.1", self.port), timeout=15)
+        try:
+            head = (
+                f"POST {CHAT} HTTP/1.1\r\nHost: proxy.test\r\nAuthorization: Bearer {self.token}\r\n"
+                f"X-Fake: {self.fake}\r\nX-Request-ID: {self.request_id}\r\n"
+                f"Content-Type: application/json\r\nContent-Length: {len(BODY)}\r\n\r\n"
+            )
+            sock.sendall(head.encode() + BODY)
+            buf = b""
+            while b"\r\n\r\n" not in buf:
+                data = sock.recv(65536)
+                if not data:
+                    raise EOFError(buf)
+                buf += data
+            head_bytes, _, buf = buf.partition(b"\r\n\r\n")
+            self.status = int(head_bytes.split(b" ")[1])
+            assert b"transfer-encoding: chunked" in head_bytes.lower(), head_bytes
+            sse = b""
+            while True:  # chunked body, parsed as it arrives
+                while b"\r\n" not in buf:
+                    data = sock.recv(65536)
+                    if not data:
+                        return
+                    buf += data
+                size_line, _, buf = buf.partition(b"\r\n")
+                size = int(size_line.split(b";")[0], 16)
+                while len(buf) < size + 2:
+                    data = sock.recv(65536)
+                    if not data:
+                        return
+                    buf += data
+                if size == 0:
+                    self.clean_end = buf[:2] == b"\r\n"
+                    return
+                sse += buf[:size]
+                buf = buf[size + 2 :]
+                arrived = time.time()
+                while (match := EVENT_END.search(sse)) is not None:
+                    block, sse = sse[: match.start()], sse[match.end() :]
+                    if block.startswith(b"data: "):
+                        self.events.append((arrived, block[6:].decode()))
+                if len(self.events) >= 3:
+                    self.first_events.set()
+        finally:
+            sock.close()
+
+    def finish(self, timeout: float) -> None:
+        self.join(timeout)
+        assert not self.is_alive(), "the stream did not finish"
+        assert self.error is None, repr(self.error)
+
+    def chunk_events(self) -> list[tuple[float, dict]]:
+        return [(arrived, json.loads(data)) for arrived, data in self.events if data != "[DONE]"]
+
+
+def log_events(proxy, event: str) -> list[dict]:
+    return [r for r in proxy.process.json_lines() if r.get("event") == event]
+
+
+def table_bytes(rows: dict[str, dict]) -> bytes:
+    return tokentable.serialize(make_table(rows))
+
+
+# ------------------------------------------------------------------------------------------ tests
+
+
+def test_replace_during_a_stream(proxy, upstream, auth):
+    stream = StreamReader(proxy.port, CLIENT_TOKEN, "sse;events=30;interval=0.05", new_id())
+    stream.start()
+    assert stream.first_events.wait(10) and stream.error is None
+
+    write_table(proxy.token_file, {OTHER_CLIENT_TOKEN: row(upstream.url + "/v1", UPSTREAM_KEY, token_id=42)})
+    replaced = time.monotonic()
+    request_id = None
+
+    def new_token_works():
+        nonlocal request_id
+        request_id = new_id()
+        return post(proxy, OTHER_CLIENT_TOKEN, request_id=request_id).status_code == 200
+
+    wait_for(new_token_works, timeout=5, interval=0.02, what="the new token to be accepted")
+    took = time.monotonic() - replaced
+    switched_at = time.time()
+    assert took < 1.5, f"the new table took {took:.2f}s to be used"
+    assert proxy.access_line(request_id)["token_id"] == 42
+
+    removed = post(proxy, CLIENT_TOKEN)
+    assert removed.status_code == 401
+    assert removed.json()["error"]["code"] == "invalid_token"
+
+    # The stream that started under the old table is not disturbed.
+    stream.finish(timeout=10)
+    assert stream.status == 200 and stream.clean_end
+    assert [event["i"] for _, event in stream.chunk_events()] == list(range(30))
+    assert stream.events[-1][1] == "[DONE]"
+    assert stream.ended_at > switched_at, "the stream ended before the new table was in use"
+    assert proxy.access_line(stream.request_id)["end_reason"] == "complete"
+
+
+def test_no_failed_request_across_100_reloads(proxy, upstream):
+    url = upstream.url + "/v1"
+    versions = [
+        table_bytes({CLIENT_TOKEN: row(url, UPSTREAM_KEY, token_id=7)}),
+        table_bytes(
+            {
+                CLIENT_TOKEN: row(url, UPSTREAM_KEY, token_id=8),
+                OTHER_CLIENT_TOKEN: row(url, UPSTREAM_KEY, token_id=9),
+            }
+        ),
+    ]
+    loads_before = len(log_events(proxy, "table_loaded"))
+    done = threading.Event()
+    results: list[tuple[int, str]] = []
+    errors: list[BaseException] = []
+
+    def client() -> None:
+        with requests.Session() as session:
+            while not done.is_set():
+                try:
+                    response = post(proxy, CLIENT_TOKEN, session=session)
+                    results.append((response.status_code, response.text[:200]))
+                except BaseException as exc:
+                    errors.append(exc)
+
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(4)]
+    started = time.monotonic()
+    for thread in threads:
+        thread.start()
+    try:
+        for data in itertools.islice(itertools.cycle(versions), 100):
+            tokentable.write_atomic(str(proxy.token_file), data)
+            time.sleep(0.1)
+        time.sleep(0.3)
+    finally:
+        done.set()
+        for thread in threads:
+            thread.join(10)
+    elapsed = time.monotonic() - started
+    loads = len(log_events(proxy, "table_loaded")) - loads_before
+    print(f"{len(results)} requests, {loads} reloads in {elapsed:.1f}s")
+
+    proxy_log = [r for r in proxy.process.json_lines() if r.get("logger") != "proxy.access"][-10:]
+    assert not errors, (f"{len(errors)} errors, proxy alive: {proxy.process.alive()}", errors[:3], proxy_log)
+    failed = [r for r in results if r[0] != 200]
+    assert not failed, f"{len(failed)} of {len(results)} failed: {failed[:3]}"
+    assert len(results) >= 200
+    assert loads >= 60, f"only {loads} reloads happened"
+    assert elapsed < 30
+    token_ids = {r.get("token_id") for r in proxy.access_lines()}
+    assert {7, 8} <= token_ids
+    assert not log_events(proxy, "table_rejected")
+
+
+def test_bad_files_keep_the_last_good_table(proxy, upstream, auth):
+    path = str(proxy.token_file)
+    url = upstream.url + "/v1"
+    new_rows = {
+        CLIENT_TOKEN: row(url, UPSTREAM_KEY, token_id=11),
+        OTHER_CLIENT_TOKEN: row("http://placeholder.invalid/v1", UPSTREAM_KEY, token_id=12),
+    }
+    good = table_bytes(new_rows)
+    format_2 = good.replace(b'"format": 1', b'"format": 2')
+    ftp_row = good.replace(b"http://placeholder.invalid/v1", b"ftp://x")
+    assert format_2 != good and ftp_row != good
+
+    def atomic(data: bytes):
+        return lambda: tokentable.write_atomic(path, data)
+
+    def plain(data: bytes):
+        def write() -> None:
+            with open(path, "wb") as handle:  # an operator dropping a file in, not atomically
+                handle.write(data)
+
+        return write
+
+    bad_versions = [
+        ("not JSON, atomic", atomic(b'{"format": 1, "tokens": {'), ""),
+        ("not JSON, plain write", plain(b"this is not a token table\n"), ""),
+        ("format 2, plain write", plain(format_2), "format"),
+        ("ftp URL, atomic", atomic(ftp_row), "ftp://x"),
+    ]
+    for n, (what, write, reason) in enumerate(bad_versions, 1):
+        write()
+        deadline = time.monotonic() + 1.2  # >= 10 polls of the same bad version
+        while time.monotonic() < deadline:
+            request_id = new_id()
+            response = post(proxy, CLIENT_TOKEN, request_id=request_id)
+            assert response.status_code == 200, (what, response.text)
+            time.sleep(0.1)
+        assert proxy.access_line(request_id)["token_id"] == 7, what  # still the old table
+        assert post(proxy, OTHER_CLIENT_TOKEN).status_code == 401, what
+        rejected = log_events(proxy, "table_rejected")
+        assert len(rejected) == n, (what, [r.get("reason") for r in rejected])
+        assert rejected[-1]["level"] == "ERROR"
+        assert rejected[-1]["reason"] and reason in rejected[-1]["reason"], (what, rejected[-1]["reason"])
+    assert requests.get(proxy.url + "/_proxy/readyz", timeout=5).json()["reload_failures"] == len(
+        bad_versions
+    )
+
+    # A good file is picked up again.
+    write_table(path, {**new_rows, OTHER_CLIENT_TOKEN: row(url, UPSTREAM_KEY, token_id=12)})
+    wait_for(
+        lambda: post(proxy, OTHER_CLIENT_TOKEN).status_code == 200, timeout=1.5, what="good table picked up"
+    )
+    request_id = new_id()
+    assert post(proxy, CLIENT_TOKEN, request_id=request_id).status_code == 200
+    assert proxy.access_line(request_id)["token_id"] == 11
+    assert len(log_events(proxy, "table_rejected")) == len(bad_versions)
+
+
+def test_start_with_a_corrupt_file_then_recover(proxy_factory, tmp_path, upstream, auth):
+    path = tmp_path / "corrupt" / "tokens.json"
+    path.parent.mkdir()
+    path.write_bytes(b'{"format": 1, "generated_at": "2024-01-01T00:00:00Z", "tokens": {"x": ')
+    proxy = proxy_factory(env={"TOKEN_FILE": str(path)}, wait_ready=False)
+
+    response = post(proxy, CLIENT_TOKEN)
+    assert response.status_code == 503
+    assert response.headers["Retry-After"].isdigit()
+    assert response.json()["error"]["code"] == "table_not_loaded"
+    ready = requests.get(proxy.url + "/_proxy/readyz", timeout=5)
+    assert ready.status_code == 503 and ready.json()["table_loaded"] is False
+    (rejected,) = log_events(proxy, "table_rejected")
+    assert "not JSON" in rejected["reason"], rejected
+    assert log_events(proxy, "table_not_loaded")
+
+    write_table(path, {CLIENT_TOKEN: row(upstream.url + "/v1", UPSTREAM_KEY, token_id=7)})
+    wait_for(lambda: post(proxy, CLIENT_TOKEN).status_code == 200, timeout=2, what="the good table")
+    assert requests.get(proxy.url + "/_proxy/readyz", timeout=5).status_code == 200
+
+
+def test_big_table_reload_does_not_stall_streams(proxy, upstream):
+    url = upstream.url + "/v1"
+    tokens = [f"sk-bulk-{n:06d}-{uuid.uuid4().hex[:12]}" for n in range(100_000)]
+    rows = {token: row(url, UPSTREAM_KEY, token_id=100_000 + n) for n, token in enumerate(tokens)}
+    rows[CLIENT_TOKEN] = row(url, UPSTREAM_KEY, token_id=7)
+    data = tokentable.serialize(make_table(rows))
+
+    stream = StreamReader(proxy.port, CLIENT_TOKEN, "sse;events=60;interval=0.05", new_id())
+    stream.start()
+    assert stream.first_events.wait(10) and stream.error is None
+    tokentable.write_atomic(str(proxy.token_file), data)
+    loaded = proxy.process.wait_for_log(
+        lambda r: r.get("event") == "table_loaded" and r.get("tokens") == len(rows),
+        timeout=15,
+        what="big table",
+    )
+    loaded_seen = time.time()
+    stream.finish(timeout=15)
+
+    assert stream.status == 200 and stream.clean_end
+    events = stream.chunk_events()
+    assert [event["i"] for _, event in events] == list(range(60))
+    delays = [arrived - event["t_sent"] for arrived, event in events]
+    gaps = [b[0] - a[0] for a, b in itertools.pairwise(events)]
+    print(
+        f"100k-token reload: load_ms={loaded.get('load_ms')}, max event delay {max(delays) * 1000:.0f} ms, "
+        f"max gap between events {max(gaps) * 1000:.0f} ms (interval 50 ms)"
+    )
+    assert loaded_seen < stream.ended_at, "the table finished loading after the stream: nothing was tested"
+    assert max(delays) < 0.5, f"an event was delayed {max(delays):.3f}s"
+
+    request_id = new_id()
+    response = post(proxy, tokens[54321], request_id=request_id)
+    assert response.status_code == 200
+    assert proxy.access_line(request_id)["token_id"] == 100_000 + 54321
