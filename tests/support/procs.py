@@ -85,7 +85,8 @@ class Process:
         return self.popen.returncode
 
     def output(self) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.log_path.read_text(errors="replace")
 
     def json_lines(self) -> list[dict]:
