@@ -441,6 +441,15 @@ def dep(deployed, backend, upstream) -> Deployment:
     """The module's deployment with every program RUNNING and the backend serving its one row."""
     backend.control.set(rows=[backend_row(CLIENT_TOKEN, 7, upstream.url + "/v1")], mode="ok")
     deployed.start_all(PROGRAMS)
+    # Each worker reloads the table on its own poll: only when the token passes on many new
+    # connections in a row (spread over both workers by SO_REUSEPORT) is every worker in step.
+    streak = []
+
+    def every_worker_serves_the_token() -> bool:
+        streak.append(status_of(deployed.url, CLIENT_TOKEN) == 200)
+        return len(streak) >= 12 and all(streak[-12:])
+
+    wait_for(every_worker_serves_the_token, timeout=15, interval=0.02, what="all workers serve the token")
     return deployed
 
 
