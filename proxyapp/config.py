@@ -38,6 +38,7 @@ class ProxyConfig:
     client_send_timeout: float = 60.0
     max_body_bytes: int = 32 * MIB
     max_client_connections: int = 10000
+    sse_keepalive_seconds: float = 0.0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> ProxyConfig:
@@ -68,6 +69,7 @@ class ProxyConfig:
             client_send_timeout=env.number("CLIENT_SEND_TIMEOUT", 60.0, allow_zero=False),
             max_body_bytes=env.integer("MAX_BODY_BYTES", 32 * MIB, minimum=1),
             max_client_connections=env.integer("MAX_CLIENT_CONNECTIONS", 10000, minimum=1),
+            sse_keepalive_seconds=env.number("SSE_KEEPALIVE_SECONDS", 0.0),
         )
 
 

@@ -23,6 +23,7 @@ import urllib3
 from common.jsonlog import mask_text
 from proxyapp.config import ProxyConfig
 from proxyapp.errors import ClientError, ClientGone, ExchangeAborted, error_body
+from proxyapp.keepalive import is_event_stream, with_keepalive
 from proxyapp.logs import body_for_log, headers_for_log, log_access
 from proxyapp.routing import Decision, Rejection, Router, extract_credential
 from proxyapp.upstream import SKIP_HEADER, UpstreamError, body_chunks, describe_stream_error, open_upstream
@@ -89,6 +90,7 @@ class Forwarder:
         self.total_timeout = config.upstream_total_timeout
         self.log_body_max = config.log_body_max_bytes
         self.max_body = config.max_body_bytes
+        self.sse_keepalive = config.sse_keepalive_seconds
         self.loop = gevent.get_hub().loop
         self.in_flight = 0
 
@@ -280,8 +282,11 @@ class Exchange:
     def _stream(self):
         raw = self.raw
         capture_left = self.fw.log_body_max
+        chunks = body_chunks(raw)
+        if self.fw.sse_keepalive and is_event_stream(raw.headers.get("Content-Type")):
+            chunks = with_keepalive(chunks, self.fw.sse_keepalive)
         try:
-            for chunk in body_chunks(raw):
+            for chunk in chunks:
                 if self.first_byte_at is None:
                     self.first_byte_at = _now()
                 self.response_bytes += len(chunk)
