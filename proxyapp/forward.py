@@ -27,6 +27,8 @@ from proxyapp.keepalive import is_event_stream, with_keepalive
 from proxyapp.logs import body_for_log, headers_for_log, log_access
 from proxyapp.routing import Decision, Rejection, Router, extract_credential
 from proxyapp.upstream import SKIP_HEADER, UpstreamError, body_chunks, describe_stream_error, open_upstream
+from proxyapp.usage import FIELDS as USAGE_FIELDS
+from proxyapp.usage import UsageMeter, request_fields
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
 
@@ -120,6 +122,9 @@ class Exchange:
         self.upstream_ms: float | None = None
         self.first_byte_at: float | None = None
         self.raw = None
+        self.meter: UsageMeter | None = None
+        self.model: str | None = None
+        self.stream_requested: bool | None = None
         self.finished = False
         self.active = False
         self._watch = None
@@ -145,6 +150,11 @@ class Exchange:
         except ClientGone:
             self.end_reason = "client_gone"
             return self._abort_connection()
+        if self.request_body:
+            content_type = self.forward_headers.get("content-type")
+            self.model, self.stream_requested = request_fields(
+                self.request_body, content_type[1] if content_type else None
+            )
         return self._forward()
 
     def _classify_headers(self) -> None:
@@ -282,9 +292,15 @@ class Exchange:
     def _stream(self):
         raw = self.raw
         capture_left = self.fw.log_body_max
+        content_type = raw.headers.get("Content-Type")
         chunks = body_chunks(raw)
-        if self.fw.sse_keepalive and is_event_stream(raw.headers.get("Content-Type")):
+        if self.fw.sse_keepalive and is_event_stream(content_type):
             chunks = with_keepalive(chunks, self.fw.sse_keepalive)
+        meter = UsageMeter(content_type, raw.headers.get("Content-Encoding"))
+        if meter.mode is not None:
+            self.meter = meter
+        else:
+            meter = None
         try:
             for chunk in chunks:
                 if self.first_byte_at is None:
@@ -294,6 +310,8 @@ class Exchange:
                     self.response_capture += chunk[:capture_left]
                     capture_left -= len(chunk)
                 yield chunk
+                if meter is not None:  # after the yield: metering never delays a byte
+                    meter.feed(chunk)
             self.end_reason = "complete"
         except ExchangeAborted as aborted:
             self.end_reason = aborted.reason
@@ -446,8 +464,18 @@ class Exchange:
                 "request_body_truncated": request_truncated,
                 "response_body": response_body,
                 "response_body_truncated": response_truncated,
+                "model": self.model,
+                "stream": self.stream_requested,
+                **self._usage(),
             }
         )
+
+    def _usage(self) -> dict[str, int | None]:
+        meter = self.meter
+        if meter is None:
+            return dict.fromkeys(USAGE_FIELDS)
+        meter.finish()  # what was counted so far, also when the client left early
+        return meter.result()
 
 
 def _reason(status: int) -> str:
