@@ -40,6 +40,7 @@ def build():
                 extra={"event": "table_not_loaded", "path": store.path},
             )
         store.start_watching()
+    app.extensions["proxy.metrics"].start_writer()
     return config, app
 
 

@@ -101,3 +101,12 @@ class Env:
             return choices[value.lower()]
         except KeyError:
             raise ConfigError(name, value, f"expected one of {', '.join(choices)}") from None
+
+
+def metrics_dir(env: Env, token_file: str) -> str:
+    """METRICS_DIR, else <PROXY_RUN_DIR>/metrics, else a metrics/ folder beside the token file."""
+    default = os.path.join(os.path.dirname(token_file), "metrics")
+    run_dir = env.string("PROXY_RUN_DIR")
+    if run_dir:
+        default = os.path.join(run_dir, "metrics")
+    return os.path.abspath(env.string("METRICS_DIR", default))

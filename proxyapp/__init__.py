@@ -6,6 +6,7 @@ from flask import Flask
 
 from proxyapp.config import ProxyConfig
 from proxyapp.forward import Forwarder
+from proxyapp.metrics import WorkerMetrics
 from proxyapp.routing import make_router
 from proxyapp.table_store import TableStore
 from proxyapp.upstream import make_session
@@ -23,10 +24,13 @@ def create_app(config: ProxyConfig, *, table_store: TableStore | None = None, se
     if not config.enable_token_routing:
         table_store = None
     session = session or make_session(config.upstream_pool_maxsize)
-    forwarder = Forwarder(config, make_router(config, table_store), session)
+    metrics = WorkerMetrics(config.metrics_dir, store=table_store)
+    forwarder = Forwarder(config, make_router(config, table_store), session, metrics)
+    metrics.in_flight = lambda: forwarder.in_flight
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = None
     app.extensions["proxy.table_store"] = table_store
     app.extensions["proxy.forwarder"] = forwarder
-    register(app, forwarder, table_store, config.sync_interval_minutes)
+    app.extensions["proxy.metrics"] = metrics
+    register(app, forwarder, table_store, config.sync_interval_minutes, metrics)
     return app

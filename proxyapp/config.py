@@ -6,7 +6,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from common.envparse import ConfigError, Env
+from common.envparse import ConfigError, Env, metrics_dir
 from common.jsonlog import LEVELS
 
 REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,6 +39,7 @@ class ProxyConfig:
     max_body_bytes: int = 32 * MIB
     max_client_connections: int = 10000
     sse_keepalive_seconds: float = 0.0
+    metrics_dir: str = ""
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> ProxyConfig:
@@ -70,6 +71,7 @@ class ProxyConfig:
             max_body_bytes=env.integer("MAX_BODY_BYTES", 32 * MIB, minimum=1),
             max_client_connections=env.integer("MAX_CLIENT_CONNECTIONS", 10000, minimum=1),
             sse_keepalive_seconds=env.number("SSE_KEEPALIVE_SECONDS", 0.0),
+            metrics_dir=metrics_dir(env, token_file),
         )
 
 

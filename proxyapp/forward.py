@@ -84,8 +84,9 @@ def _now() -> float:
 class Forwarder:
     """Everything fixed for the life of the worker: config, router, session, limits."""
 
-    def __init__(self, config: ProxyConfig, router: Router, session) -> None:
+    def __init__(self, config: ProxyConfig, router: Router, session, metrics=None) -> None:
         self.config = config
+        self.metrics = metrics
         self.router = router
         self.session = session
         self.timeout = (config.upstream_connect_timeout, config.upstream_read_timeout)
@@ -123,6 +124,8 @@ class Exchange:
         self.first_byte_at: float | None = None
         self.raw = None
         self.meter: UsageMeter | None = None
+        self.usage_result: dict[str, int | None] | None = None
+        self.is_stream = False
         self.model: str | None = None
         self.stream_requested: bool | None = None
         self.finished = False
@@ -243,7 +246,8 @@ class Exchange:
         environ = self.environ
         query = environ.get("QUERY_STRING", "")
         raw_path = self.handler.raw_path if self.handler is not None else _raw_path(environ)
-        url = upstream.base_url + raw_path + ("?" + query if query else "")
+        target = upstream.base_path + raw_path + ("?" + query if query else "")
+        url = upstream.origin + target
         headers = self._upstream_request_headers()
         self._arm()
         try:
@@ -254,6 +258,7 @@ class Exchange:
                 headers,
                 self.request_body if "Content-Length" in headers else None,
                 self.fw.timeout,
+                target,
             )
         except UpstreamError as err:
             self._disarm()
@@ -296,6 +301,9 @@ class Exchange:
         chunks = body_chunks(raw)
         if self.fw.sse_keepalive and is_event_stream(content_type):
             chunks = with_keepalive(chunks, self.fw.sse_keepalive)
+        if is_event_stream(content_type) and self.fw.metrics is not None:
+            self.is_stream = True
+            self.fw.metrics.in_flight_streams += 1
         meter = UsageMeter(content_type, raw.headers.get("Content-Encoding"))
         if meter.mode is not None:
             self.meter = meter
@@ -395,7 +403,13 @@ class Exchange:
         self.finished = True
         self._disarm()
         self._release_upstream(complete=self.end_reason == "complete")
+        self.usage_result = self._usage()
         self._log()
+        metrics = self.fw.metrics
+        if metrics is not None:
+            if self.is_stream:
+                metrics.in_flight_streams -= 1
+            metrics.observe(self)
 
     def _error(self, status: int, code: str, message: str, retry_after: int | None = None) -> flask.Response:
         self.status = status
@@ -466,7 +480,7 @@ class Exchange:
                 "response_body_truncated": response_truncated,
                 "model": self.model,
                 "stream": self.stream_requested,
-                **self._usage(),
+                **self.usage_result,
             }
         )
 

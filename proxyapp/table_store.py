@@ -28,7 +28,8 @@ log = logging.getLogger("proxy.table")
 class Upstream:
     """Where a route forwards to and with which key; shared by every token of one model."""
 
-    base_url: str  # the API URL without a trailing slash; the request path is appended
+    origin: str  # scheme://host[:port]
+    base_path: str  # the API URL's path without a trailing slash; the request path is appended
     host: str  # host[:port], for logs
     api_key: str
     bearer: str  # "Bearer <key>", built once
@@ -37,9 +38,11 @@ class Upstream:
 
     @classmethod
     def build(cls, api_url: str, api_key: str, model_name: str) -> Upstream:
+        parts = urlsplit(api_url)
         return cls(
-            base_url=api_url.rstrip("/"),
-            host=urlsplit(api_url).netloc,
+            origin=f"{parts.scheme}://{parts.netloc}",
+            base_path=parts.path.rstrip("/"),
+            host=parts.netloc,
             api_key=api_key,
             bearer="Bearer " + api_key,
             masked_key=mask_secret(api_key),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import http.client
 from collections.abc import Iterator
+from contextvars import ContextVar
 from http.cookiejar import DefaultCookiePolicy
 
 import requests
@@ -88,11 +89,24 @@ class _HTTPSConnection(HTTPSConnection):
         return self.sock is not None and _idle_socket_is_usable(self.sock)
 
 
-class _HTTPPool(HTTPConnectionPool):
+# The request target exactly as the client sent it (validated by the server layer). urllib3
+# re-encodes targets (a '%' not followed by two hex digits anywhere turns every '%' into '%25',
+# lower-case escapes are upper-cased): a proxy must forward them byte for byte. Set per request;
+# each greenlet has its own context.
+_RAW_TARGET: ContextVar[str | None] = ContextVar("raw_target", default=None)
+
+
+class _RawTargetMixin:
+    def _make_request(self, conn, method, url, *args, **kwargs):
+        raw = _RAW_TARGET.get()
+        return super()._make_request(conn, method, raw if raw is not None else url, *args, **kwargs)
+
+
+class _HTTPPool(_RawTargetMixin, HTTPConnectionPool):
     ConnectionCls = _HTTPConnection
 
 
-class _HTTPSPool(HTTPSConnectionPool):
+class _HTTPSPool(_RawTargetMixin, HTTPSConnectionPool):
     ConnectionCls = _HTTPSConnection
 
 
@@ -139,14 +153,18 @@ def open_upstream(
     headers: dict[str, str],
     body: bytes | None,
     timeout: tuple[float, float],
+    target: str | None = None,
 ) -> requests.Response:
-    """Send the request; return once the response headers are in. Raises UpstreamError."""
+    """Send the request; return once the response headers are in. Raises UpstreamError.
+
+    ``target`` (path and query, as sent on the request line) is sent unchanged when given."""
     prepared = requests.PreparedRequest()
     prepared.method = method
     prepared.url = url
     prepared.headers = headers
     prepared.body = body
     prepared.hooks = {"response": []}
+    reset = _RAW_TARGET.set(target)
     try:
         # The session's adapter, not session.send: with allow_redirects=False, session.send still
         # reads (and decodes) the body of a 3xx to prepare the next hop.
@@ -158,6 +176,12 @@ def open_upstream(
             502, "upstream_unreachable", "Could not connect to the upstream.", "connect timeout"
         )
     except requests.ConnectionError as exc:
+        cause = _innermost(exc)
+        if isinstance(cause, http.client.HTTPException) and not isinstance(cause, ConnectionError):
+            # A malformed status line or headers: the upstream answered, but not in HTTP.
+            raise UpstreamError(
+                502, "upstream_bad_response", "The upstream sent an invalid response.", _describe(exc)
+            )
         raise UpstreamError(502, "upstream_unreachable", "Could not reach the upstream.", _describe(exc))
     except (
         requests.RequestException,
@@ -168,17 +192,25 @@ def open_upstream(
         raise UpstreamError(
             502, "upstream_bad_response", "The upstream sent an invalid response.", _describe(exc)
         )
+    finally:
+        _RAW_TARGET.reset(reset)
+
+
+def _innermost(exc: BaseException) -> BaseException:
+    """requests and urllib3 wrap errors in errors; the innermost says what actually failed."""
+    seen = exc
+    for _ in range(10):
+        inner = getattr(seen, "reason", None)
+        if not isinstance(inner, BaseException):
+            inner = next((arg for arg in reversed(seen.args) if isinstance(arg, BaseException)), None)
+        if inner is None or inner is seen:
+            break
+        seen = inner
+    return seen
 
 
 def _describe(exc: BaseException) -> str:
-    """The innermost cause, which says what actually failed (refused, reset, bad status line...)."""
-    seen = exc
-    while True:
-        inner = getattr(seen, "reason", None) or (seen.args[0] if seen.args else None)
-        if isinstance(inner, BaseException) and inner is not seen:
-            seen = inner
-            continue
-        break
+    seen = _innermost(exc)
     return f"{type(seen).__name__}: {seen}"[:300]
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import time
 import uuid
@@ -16,6 +17,7 @@ from common.jsonlog import mask_text
 from proxyapp.errors import error_body
 from proxyapp.forward import Forwarder
 from proxyapp.logs import log_access
+from proxyapp.metrics import WorkerMetrics, render
 from proxyapp.table_store import TableStore
 
 log = logging.getLogger("proxy.app")
@@ -38,7 +40,11 @@ def _json(payload: bytes, status: int, request_id: str, extra: dict | None = Non
 
 
 def register(
-    app: Flask, forwarder: Forwarder, store: TableStore | None, sync_interval_minutes: float
+    app: Flask,
+    forwarder: Forwarder,
+    store: TableStore | None,
+    sync_interval_minutes: float,
+    metrics: WorkerMetrics,
 ) -> None:
     app.url_map.converters["anypath"] = _AnyPath
     app.url_map.strict_slashes = False
@@ -71,6 +77,13 @@ def register(
         }
         return _json(json.dumps(body).encode(), 200, _request_id())
 
+    syncer_status = os.path.join(metrics.directory, "syncer.json")
+
+    def prometheus():
+        text = render(metrics, syncer_status_path=syncer_status)
+        return Response(text, status=200, content_type="text/plain; version=0.0.4; charset=utf-8")
+
+    app.add_url_rule("/_proxy/metrics", "metrics", prometheus, methods=["GET"])
     app.add_url_rule("/_proxy/healthz", "healthz", healthz, methods=["GET"])
     app.add_url_rule("/_proxy/readyz", "readyz", readyz, methods=["GET"])
     app.add_url_rule(
@@ -84,6 +97,13 @@ def register(
     app.add_url_rule(
         "/<anypath:path>", "proxy", proxy, methods=PROXIED_METHODS, provide_automatic_options=False
     )
+    # An Upgrade: websocket request is forwarded as plain HTTP (Upgrade is hop-by-hop, never
+    # honoured); werkzeug would answer it 400 unless a websocket rule matches too.
+    for rule, endpoint, defaults in (
+        ("/", "proxy_root_ws", {"path": ""}),
+        ("/<anypath:path>", "proxy_ws", None),
+    ):
+        app.add_url_rule(rule, endpoint, proxy, defaults=defaults, methods=["GET"], websocket=True)
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException):

@@ -9,7 +9,9 @@ a stop waits for (briefly) is a write in progress, so no temp file is ever left 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -86,14 +88,43 @@ def guarded_sync(config: SyncerConfig, client: BackendClient, control: Control) 
 def sync_loop(config: SyncerConfig, client: BackendClient, control: Control, logger: logging.Logger) -> None:
     failures = 0
     trigger = "start"
+    status = SyncStatus(config.metrics_dir)
     while not control.stop:
         control.sync_now = False
         result = guarded_sync(config, client, control)
         failures = 0 if result.ok else failures + 1
+        status.record(result, logger)
         delay = next_delay(config, failures)
         log_result(logger, result, trigger=trigger, source=client.source, next_sync_s=round(delay, 3))
         control.sleep(delay)
         trigger = "signal" if control.sync_now else ("retry" if failures else "interval")
+
+
+class SyncStatus:
+    """A small JSON status file in METRICS_DIR, which the workers' /_proxy/metrics reports."""
+
+    def __init__(self, directory: str) -> None:
+        self.path = os.path.join(directory, "syncer.json")
+        self.state: dict[str, float | int | None] = {
+            "pid": os.getpid(), "last_success": None, "last_attempt": None, "failures": 0, "tokens": None
+        }  # fmt: skip
+
+    def record(self, result: SyncResult, logger: logging.Logger) -> None:
+        now = time.time()
+        self.state["last_attempt"] = now
+        if result.ok:
+            self.state["last_success"] = now
+            self.state["tokens"] = result.tokens_written
+        else:
+            self.state["failures"] = int(self.state["failures"] or 0) + 1
+        try:
+            os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
+            temp = self.path + ".tmp"
+            with open(temp, "w", encoding="utf-8") as handle:
+                json.dump(self.state, handle)
+            os.replace(temp, self.path)
+        except OSError as exc:  # metrics must never stop the syncing
+            logger.warning("cannot write the status file", extra={"path": self.path, "error": str(exc)})
 
 
 def finish_stop(config: SyncerConfig, control: Control, logger: logging.Logger, signum: int) -> None:

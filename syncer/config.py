@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from common.envparse import ConfigError, Env
+from common.envparse import ConfigError, Env, metrics_dir
 
 REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_TOKEN_FILE = os.path.join(REPO_DIR, "var", "tokens.json")
@@ -27,6 +27,7 @@ class SyncerConfig:
     sync_allow_empty: bool
     token_file: str
     log_level: str
+    metrics_dir: str = ""
 
     @property
     def interval_seconds(self) -> float:
@@ -67,4 +68,5 @@ class SyncerConfig:
             sync_allow_empty=env.boolean("SYNC_ALLOW_EMPTY", False),
             token_file=os.path.abspath(token_file),
             log_level=env.choice("LOG_LEVEL", "info", _LOG_LEVELS),
+            metrics_dir=metrics_dir(env, os.path.abspath(token_file)),
         )
