@@ -38,9 +38,8 @@ class FakeUpstream:
 
 def start_fake_upstream(log_dir: Path) -> FakeUpstream:
     port = free_port()
-    process = Process(
-        [PYTHON, "-m", "tests.fakes.upstream", "--port", str(port)], env={}, log_path=log_dir / f"upstream-{port}.log"
-    )
+    command = [PYTHON, "-m", "tests.fakes.upstream", "--port", str(port)]
+    process = Process(command, env={}, log_path=log_dir / f"upstream-{port}.log")
     wait_for(lambda: port_open(port), timeout=15, what="fake upstream port")
     return FakeUpstream(process, port)
 
