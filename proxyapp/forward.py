@@ -153,11 +153,6 @@ class Exchange:
         except ClientGone:
             self.end_reason = "client_gone"
             return self._abort_connection()
-        if self.request_body:
-            content_type = self.forward_headers.get("content-type")
-            self.model, self.stream_requested = request_fields(
-                self.request_body, content_type[1] if content_type else None
-            )
         return self._forward()
 
     def _classify_headers(self) -> None:
@@ -404,6 +399,11 @@ class Exchange:
         self._disarm()
         self._release_upstream(complete=self.end_reason == "complete")
         self.usage_result = self._usage()
+        if self.request_body:  # read here, not before forwarding: it never delays the upstream call
+            content_type = self.forward_headers.get("content-type")
+            self.model, self.stream_requested = request_fields(
+                self.request_body, content_type[1] if content_type else None
+            )
         self._log()
         metrics = self.fw.metrics
         if metrics is not None:
