@@ -9,6 +9,7 @@ cookie jar that keeps nothing, no redirects. Requests go through the session's a
 from __future__ import annotations
 
 import http.client
+import select
 from collections.abc import Iterator
 from contextvars import ContextVar
 from http.cookiejar import DefaultCookiePolicy
@@ -66,15 +67,18 @@ class RetryStaleConnectionOnce(Retry):
         return Retry(0, read=False).increment(method, url, response, error, _pool, _stacktrace)
 
 
-_real_select = monkey.get_original("select", "select")
+_real_poll = monkey.get_original("select", "poll")
+_POLLIN = select.POLLIN
 
 
 def _idle_socket_is_usable(sock) -> bool:
     # urllib3 asks "is this pooled socket readable right now?" (readable = closed by the peer, or
     # stray bytes) through select.poll, which gevent replaces with a cooperative version costing
-    # watchers and a hub switch per request. A zero-timeout real select asks it in one syscall.
-    readable, _, _ = _real_select([sock], [], [], 0)
-    return not readable
+    # watchers and a hub switch per request. The real poll with a zero timeout asks it in one
+    # syscall (not select(): it fails on descriptors above 1023, and a busy worker has thousands).
+    poller = _real_poll()
+    poller.register(sock.fileno(), _POLLIN)
+    return not poller.poll(0)
 
 
 class _HTTPConnection(HTTPConnection):

@@ -48,3 +48,28 @@ def test_nothing_is_retried_once_a_response_exists():
     error = ProtocolError("Connection aborted.", ConnectionResetError(104, "reset"))
     with pytest.raises((MaxRetryError, ProtocolError)):
         fresh().increment("POST", "/x", response=object(), error=error)
+
+
+def test_the_idle_connection_check_works_above_fd_1023():
+    # A busy worker holds thousands of sockets; select() fails above 1023, poll() does not.
+    import os
+    import resource
+    import socket
+
+    from proxyapp.upstream import _idle_socket_is_usable
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 2100:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(4096, hard), hard))
+    left, right = socket.socketpair()
+    high = os.dup2(left.fileno(), 2000)
+    try:
+        sock = socket.socket(fileno=high)
+        assert _idle_socket_is_usable(sock)  # nothing to read: still usable
+        right.sendall(b"x")
+        assert not _idle_socket_is_usable(sock)  # stray bytes: drop it
+        sock.detach()
+    finally:
+        os.close(high)
+        left.close()
+        right.close()
