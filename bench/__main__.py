@@ -1,0 +1,120 @@
+"""``python -m bench [small|stream1000|reload|all] [--quick]``: the benchmark (see bench/README.md).
+
+Not part of the test suite. Everything listens on 127.0.0.1; every load stops by itself; only the
+processes started here are stopped, by PID.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench import report, scenarios
+from bench.peers import Upstream
+from bench.tables import Tables
+from bench.tools import cpu_layout, find_tools, say
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("scenario", nargs="?", default="all", choices=[*scenarios.SCENARIOS, "all"])
+    parser.add_argument(
+        "--quick", action="store_true", help="short loads (a smoke run; figures not comparable)"
+    )
+    parser.add_argument(
+        "--runs", type=int, default=3, help="interleaved runs per figure (default 3, minimum 1)"
+    )
+    parser.add_argument("--peers", default="abcd", help="subset of peers a b c d (default all)")
+    parser.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")
+    parser.add_argument(
+        "--no-go", action="store_true", help="act as if Go were missing (tries the fallbacks)"
+    )
+    parser.add_argument("--keep", action="store_true", help="keep the work directory (logs, tables)")
+    return parser.parse_args(argv)
+
+
+def _terminate(signum, frame):  # SIGTERM: unwind through the finally blocks that stop the peers
+    raise SystemExit(128 + signum)
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminate)
+    names = list(scenarios.SCENARIOS) if args.scenario == "all" else [args.scenario]
+    layout = cpu_layout(disable=args.no_pin)
+    if layout.pinned:
+        os.sched_setaffinity(0, layout.load)  # the harness itself stays off the proxy's CPU
+    say(layout.note)
+    workdir = Path(tempfile.mkdtemp(prefix="bench-", dir="/tmp"))  # short: supervisord's socket path
+    box = find_tools(workdir, no_go=args.no_go)
+    failed = False
+    done: dict[str, str] = {}
+    upstream = None
+    began = time.monotonic()
+    try:
+        upstream = Upstream(box, layout, workdir)
+        say(f"fake upstream: {upstream.kind}, 127.0.0.1:{upstream.port}")
+        if not box.have_go:
+            say(
+                "NOTE: without Go the fake upstream is the Python fallback (tests/fakes/upstream.py), "
+                "which may "
+                "limit throughput, and there is no Go reference and no streaming load."
+            )
+        ctx = scenarios.Context(
+            box,
+            layout,
+            workdir,
+            Tables(upstream.api_url),
+            upstream,
+            args.quick,
+            max(1, args.runs),
+            args.peers,
+        )
+        for name in names:
+            say(f"\n== {name}" + (" (quick)" if args.quick else ""))
+            t0 = time.monotonic()
+            try:
+                result, figures, targets = scenarios.SCENARIOS[name](ctx)
+            except scenarios.Skip as exc:
+                say(f"SKIPPED {name}: {exc}")
+                done[name] = f"## {name}\n\nSkipped: {exc}\n"
+                continue
+            result["targets"] = [t.to_json() for t in targets]
+            result["meta"]["seconds"] = round(time.monotonic() - t0, 1)
+            md = report.markdown(result, figures, targets)
+            json_path, md_path = report.write(result, md)
+            done[name] = md
+            say("\n" + md)
+            say(
+                f"wrote {json_path.relative_to(report.RESULTS.parent.parent)} and "
+                f"{md_path.relative_to(report.RESULTS.parent.parent)}"
+            )
+        latest = report.write_latest(done, args.quick)
+        say(
+            f"wrote {latest.relative_to(report.RESULTS.parent.parent)}; "
+            f"total {time.monotonic() - began:.0f} s"
+        )
+    except BaseException as exc:
+        failed = True
+        if not isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            raise
+        say(f"interrupted ({type(exc).__name__})")
+        return 130
+    finally:
+        if upstream is not None:
+            upstream.stop()
+        if args.keep or failed:
+            say(f"work directory kept: {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,381 @@
+"""Start and stop the benchmark's processes on 127.0.0.1, and only stop what was started here (by PID).
+
+Peers, in the order every run visits them:
+  a  direct        the fake upstream hit directly: the limit
+  b  Go reference  bench/peers/refproxy.go (httputil.ReverseProxy, FlushInterval -1)
+  c  proxy, 1 w.   ``python wsgi.py``
+  d  proxy, 2 w.   ``bash scripts/run`` (supervisord, PROXY_WORKERS=2, syncer + fake backend)
+"""
+
+from __future__ import annotations
+
+import ctypes
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from bench import procstat
+from bench.tables import BENCH_TOKEN, Tables
+from bench.tools import REPO, Layout, Toolbox, say
+
+PYTHON = (
+    str(REPO / ".venv" / "bin" / "python") if (REPO / ".venv" / "bin" / "python").exists() else sys.executable
+)
+_PR_SET_PDEATHSIG = 1
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _die_with_parent() -> None:  # runs in the child before exec: SIGTERM when the harness dies
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except Exception:
+        pass
+
+
+def base_env(**extra: str) -> dict[str, str]:
+    """A clean environment: nothing from the caller's shell changes the proxy's settings."""
+    env = {name: os.environ[name] for name in ("PATH", "HOME", "LANG", "LC_ALL", "TZ") if name in os.environ}
+    env.update({"PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": "1"})
+    env.update(extra)
+    return env
+
+
+def request(
+    port: int,
+    method: str,
+    path: str,
+    token: str | None = None,
+    body: bytes | None = None,
+    timeout: float = 2.0,
+) -> int:
+    """One request on a new connection; the status, or 0 when it could not be made."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    headers = {"Content-Type": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    try:
+        conn.request(method, path, body=body, headers=headers)
+        response = conn.getresponse()
+        response.read()
+        return response.status
+    except OSError:
+        return 0
+    finally:
+        conn.close()
+
+
+CHAT_BODY = b'{"model":"bench-model","messages":[{"role":"user","content":"Say something."}]}'
+
+
+class Proc:
+    """A child process; its stdout and stderr go to a log file (never an undrained pipe)."""
+
+    def __init__(self, args: list[str], env: dict[str, str], log_path: Path, cwd: Path = REPO) -> None:
+        self.args = args
+        self.log_path = log_path
+        self._log = open(log_path, "ab")  # noqa: SIM115 - open for the life of the process
+        self.popen = subprocess.Popen(
+            args,
+            cwd=cwd,
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            preexec_fn=_die_with_parent,
+        )
+        self.pid = self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def stop(self, timeout: float = 15.0, also: list[int] | None = None) -> None:
+        """SIGTERM, wait; SIGKILL this PID (and the listed descendants) if it does not exit."""
+        if self.alive():
+            os.kill(self.pid, signal.SIGTERM)
+            try:
+                self.popen.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                say(f"  {self.args[0]} (pid {self.pid}) ignored SIGTERM for {timeout}s: SIGKILL")
+                for pid in [self.pid, *(also or [])]:
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                self.popen.wait(timeout=5)
+        self._log.close()
+
+    def log_tail(self, lines: int = 15) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+def wait_until(predicate, timeout: float, what: str, proc: Proc | None = None, interval: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if proc is not None and not proc.alive():
+            raise RuntimeError(
+                f"{what}: the process exited ({proc.popen.returncode}); log:\n{proc.log_tail()}"
+            )
+        if time.monotonic() > deadline:
+            tail = f"; log:\n{proc.log_tail()}" if proc else ""
+            raise RuntimeError(f"timed out after {timeout}s waiting for {what}{tail}")
+        time.sleep(interval)
+
+
+# ---------------------------------------------------------------------------- upstream
+
+
+class Upstream:
+    """The fake upstream: bench/peers/upstream.go, or tests/fakes/upstream.py without Go."""
+
+    def __init__(self, box: Toolbox, layout: Layout, workdir: Path) -> None:
+        self.port = free_port()
+        self.go = box.have_go
+        prefix = layout.prefix(layout.load)
+        if self.go:
+            args = [
+                *prefix,
+                box.bins["upstream"],
+                "-addr",
+                f"127.0.0.1:{self.port}",
+                "-parent-pid",
+                str(os.getpid()),
+            ]
+            self.kind = "Go (bench/peers/upstream.go)"
+            health = "/_bench/health"
+        else:
+            args = [
+                *prefix,
+                PYTHON,
+                "-m",
+                "tests.fakes.upstream",
+                "--port",
+                str(self.port),
+                "--host",
+                "127.0.0.1",
+            ]
+            self.kind = (
+                "Python fallback (tests/fakes/upstream.py, thread per connection: may be the bottleneck)"
+            )
+            health = "/_fake/health"
+        self.proc = Proc(args, base_env(), workdir / "upstream.log")
+        wait_until(lambda: request(self.port, "GET", health) == 200, 15, "the fake upstream", self.proc)
+        self.api_url = f"http://127.0.0.1:{self.port}/v1"  # the tokens' ai_model_api_url
+
+    def stop(self) -> None:
+        self.proc.stop()
+
+
+# ---------------------------------------------------------------------------- peers
+
+
+class Peer:
+    key = "?"
+    name = "?"
+    label = "?"
+    reloads = True  # has a token table that can be replaced
+
+    def __init__(self) -> None:
+        self.port = 0
+        self.proc: Proc | None = None
+        self.table_path: Path | None = None
+
+    @property
+    def chat_path(self) -> str:
+        return "/chat/completions"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}{self.chat_path}"
+
+    def pids(self) -> list[int]:
+        """The processes whose CPU and memory count as this peer's."""
+        return [self.proc.pid] if self.proc else []
+
+    def stop(self) -> None:
+        if self.proc:
+            self.proc.stop()
+
+    def check_serves(self) -> None:
+        status = request(self.port, "POST", self.chat_path, BENCH_TOKEN, CHAT_BODY, timeout=10)
+        if status != 200:
+            raise RuntimeError(f"{self.label}: a test request got {status or 'no answer'}, not 200")
+
+
+class Direct(Peer):
+    key, name, label = "a", "direct", "direct (limit)"
+    reloads = False
+
+    def __init__(self, upstream: Upstream) -> None:
+        super().__init__()
+        self.port = upstream.port
+        self.upstream = upstream
+
+    @property
+    def chat_path(self) -> str:
+        return "/v1/chat/completions"
+
+    def pids(self) -> list[int]:
+        return [self.upstream.proc.pid]
+
+    def stop(self) -> None:
+        pass  # the upstream is stopped last, by its owner
+
+
+class GoReference(Peer):
+    key, name, label = "b", "go", "Go reference"
+
+    def __init__(self, box: Toolbox, layout: Layout, workdir: Path, tables: Tables, table_size: int) -> None:
+        super().__init__()
+        self.port = free_port()
+        home = workdir / "go-ref"
+        home.mkdir(mode=0o700)
+        self.table_path = home / "tokens.json"
+        tables.write(self.table_path, table_size)
+        args = [
+            *layout.prefix(layout.proxy_1w),
+            box.bins["refproxy"],
+            "-addr",
+            f"127.0.0.1:{self.port}",
+            "-tokens",
+            str(self.table_path),
+            "-poll",
+            "1s",
+            "-parent-pid",
+            str(os.getpid()),
+        ]
+        self.proc = Proc(args, base_env(), workdir / "go-ref.log")
+        wait_until(lambda: request(self.port, "GET", "/_bench/ping") == 401, 15, self.label, self.proc)
+        self.check_serves()
+
+
+class ProxyOneWorker(Peer):
+    key, name, label = "c", "proxy1", "proxy, 1 worker"
+
+    def __init__(self, layout: Layout, workdir: Path, tables: Tables, table_size: int) -> None:
+        super().__init__()
+        self.port = free_port()
+        home = workdir / "proxy1"
+        home.mkdir(mode=0o700)
+        self.table_path = home / "tokens.json"
+        tables.write(self.table_path, table_size)
+        env = base_env(
+            LISTEN_ADDR=f"127.0.0.1:{self.port}",
+            TOKEN_FILE=str(self.table_path),
+            LOG_LEVEL="info",
+            GRACEFUL_TIMEOUT="5",
+        )
+        self.proc = Proc([*layout.prefix(layout.proxy_1w), PYTHON, "wsgi.py"], env, workdir / "proxy1.log")
+        wait_until(lambda: request(self.port, "GET", "/_proxy/readyz") == 200, 30, self.label, self.proc)
+        self.check_serves()
+
+
+class ProxySupervised(Peer):
+    """``bash scripts/run`` in the foreground: supervisord, the syncer and PROXY_WORKERS=2 workers.
+
+    The syncer fetches from the fake backend (tests/fakes/backend.py), which serves the same rows
+    as the pre-written table, once at start (SYNC_INTERVAL=60 minutes: no sync during the run).
+    """
+
+    key, name, label = "d", "proxy2", "proxy, 2 workers (supervisord)"
+    workers = 2
+
+    def __init__(self, layout: Layout, workdir: Path, tables: Tables, table_size: int) -> None:
+        super().__init__()
+        self.port = free_port()
+        home = workdir / "proxy2"
+        home.mkdir(mode=0o700)
+        self.table_path = home / "tokens.json"
+        tables.write(self.table_path, table_size)
+        backend_port = free_port()
+        self.backend = Proc(
+            [
+                *layout.prefix(layout.load),
+                PYTHON,
+                "-m",
+                "tests.fakes.backend",
+                "--port",
+                str(backend_port),
+                "--host",
+                "127.0.0.1",
+            ],
+            base_env(),
+            workdir / "backend.log",
+        )
+        wait_until(
+            lambda: request(backend_port, "GET", "/_fake/state") == 200, 15, "fake backend", self.backend
+        )
+        body = json.dumps({"rows": tables.backend_rows(table_size)}).encode()
+        if request(backend_port, "POST", "/_fake/state", body=body, timeout=30) != 200:
+            raise RuntimeError("fake backend: POST /_fake/state failed")
+        env = base_env(
+            PROXY_ENV_FILE="/nonexistent",
+            PROXY_PYTHON=PYTHON,
+            PROXY_RUN_DIR=str(home / "run"),
+            PROXY_LOG_DIR=str(home / "log"),
+            PROXY_WORKERS=str(self.workers),
+            LISTEN_ADDR=f"127.0.0.1:{self.port}",
+            TOKEN_FILE=str(self.table_path),
+            SERVER_API_URL=f"http://127.0.0.1:{backend_port}",
+            SYNC_INTERVAL="60",
+            LOG_LEVEL="info",
+            GRACEFUL_TIMEOUT="5",
+        )
+        self.log_path = workdir / "proxy2.log"
+        self.proc = Proc([*layout.prefix(layout.proxy_2w), "bash", "scripts/run"], env, self.log_path)
+        wait_until(
+            self._started, 60, f"{self.label}: {self.workers} workers listening and one sync", self.proc, 0.2
+        )
+        wait_until(lambda: request(self.port, "GET", "/_proxy/readyz") == 200, 30, self.label, self.proc)
+        time.sleep(1.5)  # the workers notice the syncer's file within TOKEN_FILE_POLL
+        self._known = self.pids()
+        self.check_serves()
+
+    def _log_lines(self):
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return
+        for line in text.splitlines():
+            start = line.find("{")
+            if start >= 0:
+                try:
+                    yield json.loads(line[start:])
+                except ValueError:
+                    pass
+
+    def _started(self) -> bool:
+        listening, synced = set(), False
+        for entry in self._log_lines():
+            if entry.get("message") == "listening":
+                listening.add(entry.get("pid"))
+            if entry.get("message") == "sync" and entry.get("service") == "syncer":
+                synced = True
+        return len(listening) >= self.workers and synced and len(self.pids()) >= self.workers
+
+    def pids(self) -> list[int]:
+        if not self.proc:
+            return []
+        return [pid for pid in procstat.descendants(self.proc.pid) if "wsgi.py" in procstat.cmdline(pid)]
+
+    def stop(self) -> None:
+        if self.proc:
+            everything = procstat.descendants(self.proc.pid)
+            self.proc.stop(timeout=30, also=everything)
+        self.backend.stop()

@@ -1,0 +1,561 @@
+"""The three scenarios. Each starts its peers, runs every peer once per round in the order a, b, c, d
+(rounds interleaved, so a drift of the machine hits every peer alike), stops them, and returns the
+result dict that bench/report.py writes."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench import load, procstat
+from bench.peers import (
+    CHAT_BODY,
+    Direct,
+    GoReference,
+    Peer,
+    ProxyOneWorker,
+    ProxySupervised,
+    Upstream,
+    request,
+)
+from bench.report import Figure, Target, get, summarize
+from bench.tables import BENCH_TOKEN, Tables, replace
+from bench.tools import Layout, Toolbox, machine_facts, say
+
+TABLE_SIZE = 1000  # tokens in the table every peer starts with
+BIG_TABLE = 100_000
+
+
+@dataclass
+class Context:
+    box: Toolbox
+    layout: Layout
+    workdir: Path
+    tables: Tables
+    upstream: Upstream
+    quick: bool
+    runs: int
+    only: str  # peer keys to run
+
+
+def start_peers(ctx: Context, name: str, notes: list[str]) -> dict[str, Peer]:
+    home = ctx.workdir / name
+    home.mkdir()
+    peers: dict[str, Peer] = {}
+    makers = {
+        "a": lambda: Direct(ctx.upstream),
+        "b": lambda: GoReference(ctx.box, ctx.layout, home, ctx.tables, TABLE_SIZE),
+        "c": lambda: ProxyOneWorker(ctx.layout, home, ctx.tables, TABLE_SIZE),
+        "d": lambda: ProxySupervised(ctx.layout, home, ctx.tables, TABLE_SIZE),
+    }
+    for key, make in makers.items():
+        if key not in ctx.only:
+            continue
+        if key == "b" and not ctx.box.have_go:
+            notes.append(
+                "Go reference skipped: no Go toolchain ("
+                + (ctx.box.build_error or "`go` not found")
+                + "); install with `apt-get install golang-go`."
+            )
+            continue
+        try:
+            peers[key] = make()
+            say(f"  started {peers[key].label} on 127.0.0.1:{peers[key].port}")
+        except Exception as exc:  # one peer that cannot start must not sink the others
+            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+            short = " / ".join(lines[:1] + lines[-3:] if len(lines) > 4 else lines)
+            notes.append(f"peer {key} did not start: {short}"[:800])
+            say(f"  NOTE: peer {key} did not start: {exc}")
+    return peers
+
+
+def stop_peers(peers: dict[str, Peer]) -> None:
+    for peer in reversed(list(peers.values())):
+        try:
+            peer.stop()
+        except Exception as exc:
+            say(f"  NOTE: stopping {peer.label}: {exc}")
+
+
+def cpu_of(pids: list[int]) -> float:
+    total = 0.0
+    for pid in pids:
+        try:
+            total += procstat.cpu_seconds(pid)
+        except OSError:
+            pass
+    return total
+
+
+class Meter:
+    """CPU seconds and peak RSS of a peer's processes over one measurement."""
+
+    def __init__(self, peer: Peer, notes: list[str], upstream: Upstream) -> None:
+        self.peer, self.notes, self.upstream_pid = peer, notes, upstream.proc.pid
+        self.upstream0 = cpu_of([self.upstream_pid])
+        self.pids = peer.pids()
+        for pid in self.pids:
+            procstat.reset_peak_rss(pid)
+        self.cpu0 = cpu_of(self.pids)
+        self.t0 = time.monotonic()
+
+    def done(self) -> dict:
+        cpu = cpu_of(self.pids) - self.cpu0
+        wall = time.monotonic() - self.t0
+        peaks = []
+        for pid in self.pids:
+            try:
+                peaks.append(procstat.peak_rss_mb(pid))
+            except OSError:
+                pass
+        if sorted(self.peer.pids()) != sorted(self.pids):
+            self.notes.append(
+                f"{self.peer.label}: its processes changed during a measurement (a worker restarted?)"
+            )
+        return {
+            "cpu_s": cpu,
+            "wall_s": wall,
+            "peak_rss_mb": max(peaks) if peaks else None,
+            "processes": len(self.pids),
+            "upstream_cpu_s": cpu_of([self.upstream_pid]) - self.upstream0,
+        }
+
+
+def load_side(res: dict, upstream_cpu: float, loadgen_cpu: float, wall: float) -> None:
+    """The load side's CPU (fake upstream + load generator, % of one core)."""
+    res["load_cpu_pct"] = (upstream_cpu + loadgen_cpu) / wall * 100 if wall else None
+
+
+def saturation_notes(
+    ctx: Context, peers: dict[str, Peer], runs: dict[str, list[dict]], notes: list[str]
+) -> None:
+    """A note per peer whose load side came near saturation: it may have limited that peer's figures."""
+    cores = len(ctx.layout.load) if ctx.layout.pinned else (os.cpu_count() or 1)
+    for key, peer in peers.items():
+        busy = [
+            run["load_cpu_pct"] for run in runs.get(key, []) if (run.get("load_cpu_pct") or 0) > 90 * cores
+        ]
+        if busy:
+            why = (
+                " (expected for direct: nothing else limits it)"
+                if key == "a"
+                else ": it may have been the limit"
+            )
+            notes.append(
+                f"{peer.label}: the load side (fake upstream + load generator) used {max(busy):.0f}% of its "
+                f"{cores} CPU(s) in {len(busy)} of {len(runs[key])} runs{why}"
+            )
+
+
+def meta(ctx: Context, title: str) -> dict:
+    return {
+        "date": dt.date.today().isoformat(),
+        "started_at": dt.datetime.now().isoformat(timespec="seconds"),
+        "quick": ctx.quick,
+        "runs": ctx.runs,
+        "pinning": ctx.layout.note,
+        "upstream": ctx.upstream.kind,
+        "machine": machine_facts(),
+        "title": title,
+    }
+
+
+def result_dict(
+    name: str,
+    title: str,
+    ctx: Context,
+    peers: dict[str, Peer],
+    runs: dict,
+    figures: list[Figure],
+    setup: list[str],
+    notes: list[str],
+) -> dict:
+    return {
+        "scenario": name,
+        "title": title,
+        "meta": meta(ctx, title),
+        "peers": {key: peer.label for key, peer in peers.items()},
+        "setup": setup,
+        "runs": runs,
+        "summary": summarize(runs, figures),
+        "notes": notes,
+    }
+
+
+def interleave(
+    ctx: Context, peers: dict[str, Peer], measure, notes: list[str], pause: float = 0.5
+) -> dict[str, list[dict]]:
+    runs: dict[str, list[dict]] = {key: [] for key in peers}
+    for index in range(ctx.runs):
+        for key, peer in peers.items():
+            say(f"  run {index + 1}/{ctx.runs}: {peer.label}")
+            try:
+                runs[key].append(measure(peer, index, runs))
+            except Exception as exc:
+                say(f"    FAILED: {exc}")
+                runs[key].append({"error": str(exc)[:2000]})
+                notes.append(f"{peer.label}, run {index + 1} failed: {str(exc).splitlines()[0][:300]}")
+            time.sleep(pause)
+    return runs
+
+
+# ---------------------------------------------------------------------------- small
+
+SMALL_FIGURES = [
+    Figure("rps", "throughput (req/s)", ",.0f"),
+    Figure("p50_ms", "latency p50 (ms)", ",.2f"),
+    Figure("p99_ms", "latency p99 (ms)", ",.2f"),
+    Figure("cpu_us_per_req", "CPU per request (µs; direct: the upstream's)", ",.0f"),
+    Figure("cpu_pct", "CPU (% of one core)", ",.0f"),
+    Figure("errors", "non-2xx + socket errors", ",.0f", ratio=False),
+    Figure("load_cpu_pct", "load side CPU: fake upstream + wrk (% of one core)", ",.0f", ratio=False),
+]
+
+
+def small(ctx: Context) -> tuple[dict, list[Figure], list[Target]]:
+    name = "small"
+    duration = 3 if ctx.quick else 10
+    connections = 64
+    title = (
+        f"non-streaming POST /chat/completions, ~600 B answer, {connections} keep-alive connections, "
+        f"{duration} s per run (wrk --latency)"
+    )
+    if ctx.box.wrk is None:
+        raise Skip("wrk not found: install with `apt-get install wrk`")
+    notes: list[str] = []
+    peers = start_peers(ctx, name, notes)
+    try:
+        for peer in peers.values():  # warm-up, not recorded: pools filled, code paths hot
+            load.run_wrk(ctx.box, ctx.layout, peer.url, BENCH_TOKEN, 1, connections)
+
+        def measure(peer: Peer, index: int, runs) -> dict:
+            meter = Meter(peer, notes, ctx.upstream)
+            res = load.run_wrk(ctx.box, ctx.layout, peer.url, BENCH_TOKEN, duration, connections)
+            used = meter.done()
+            load_side(res, used["upstream_cpu_s"], res["loadgen_cpu_s"], res["seconds"])
+            res["errors"] = res["non2xx"] + res["socket_errors"]
+            res["cpu_s"] = used["cpu_s"]
+            res["cpu_us_per_req"] = used["cpu_s"] / res["requests"] * 1e6 if res["requests"] else None
+            res["cpu_pct"] = used["cpu_s"] / res["seconds"] * 100 if res["seconds"] else None
+            say(
+                f"    {res['rps']:,.0f} req/s, p99 {res['p99_ms']:.2f} ms, "
+                f"CPU {res['cpu_us_per_req'] or 0:,.0f} µs/req,"
+                f" errors {res['errors']}"
+            )
+            return res
+
+        runs = interleave(ctx, peers, measure, notes)
+        saturation_notes(ctx, peers, runs, notes)
+    finally:
+        stop_peers(peers)
+    setup = [
+        f"client path: /chat/completions through the proxies (tokens' ai_model_api_url ends in /v1), "
+        f"/v1/chat/completions direct; token table of {TABLE_SIZE:,} tokens",
+        "our proxy: LOG_LEVEL=info (one access line per request, stdout to a file); the Go reference also "
+        "writes one access line per request",
+        "CPU = utime+stime from /proc/<pid>/stat over the run (2 workers: both summed)",
+    ]
+    result = result_dict(name, title, ctx, peers, runs, SMALL_FIGURES, setup, notes)
+    s = result["summary"]
+    go_cpu, one_cpu = get(s, "b", "cpu_us_per_req"), get(s, "c", "cpu_us_per_req")
+    one_rps, two_rps = get(s, "c", "rps"), get(s, "d", "rps")
+    targets = [
+        Target(
+            "1 worker: CPU per request ≤ 3× the Go reference's (µs)",
+            one_cpu,
+            3 * go_cpu if go_cpu else None,
+            "medians",
+            ",.0f",
+        ),
+        Target(
+            "2 workers: throughput ≥ 1.7× 1 worker (req/s)",
+            two_rps,
+            1.7 * one_rps if one_rps else None,
+            "medians"
+            + ("; the 2 workers share a CPU with the load on this machine" if ctx.layout.shared_2w else ""),
+            ",.0f",
+            below=False,
+        ),
+    ]
+    direct = get(s, "a", "rps")
+    fastest = max((get(s, k, "rps") or 0) for k in "bcd")
+    if direct and fastest:
+        headroom = direct / fastest
+        notes.append(
+            f"fake upstream hit directly: {direct:,.0f} req/s = {headroom:.1f}× the fastest proxy"
+            + (
+                " — WARNING: under 2×, the upstream may be limiting"
+                if headroom < 2
+                else " (not the bottleneck)"
+            )
+        )
+    return result, SMALL_FIGURES, targets
+
+
+class Skip(Exception):
+    """The scenario cannot run on this machine; the message says why."""
+
+
+# ---------------------------------------------------------------------------- stream1000
+
+STREAM_FIGURES = [
+    Figure("failed", "failed streams", ",.0f", ratio=False),
+    Figure("ttfe_p50_ms", "time to first event p50 (ms)", ",.1f"),
+    Figure("ttfe_p99_ms", "time to first event p99 (ms)", ",.1f"),
+    Figure("delay_p50_ms", "event delay p50 (ms, upstream send → client)", ",.2f"),
+    Figure("delay_p99_ms", "event delay p99 (ms)", ",.2f"),
+    Figure("delay_max_ms", "event delay max (ms)", ",.1f"),
+    Figure("added_p50_ms", "added delay p50 over direct (ms)", ",.2f"),
+    Figure("added_p99_ms", "added delay p99 over direct (ms)", ",.2f"),
+    Figure("cpu_pct", "CPU (% of one core; direct: the upstream's)", ",.0f"),
+    Figure("peak_rss_mb", "peak RSS (MB, VmHWM; largest worker; direct: the upstream's)", ",.1f"),
+    Figure("load_cpu_pct", "load side CPU: fake upstream + sseload (% of one core)", ",.0f", ratio=False),
+]
+
+
+def stream1000(ctx: Context) -> tuple[dict, list[Figure], list[Target]]:
+    name = "stream1000"
+    shape = {"streams": 200, "rounds": 1} if ctx.quick else {"streams": 1000, "rounds": 3}
+    shape.update(events=50, interval_ms=50, ramp_ms=1000)
+    title = (
+        f"{shape['streams']:,} concurrent SSE streams × {shape['rounds']} round(s), {shape['events']} events "
+        f"each at {shape['interval_ms']} ms (bench/peers/sseload.go)"
+    )
+    if not ctx.box.have_go:
+        raise Skip(
+            "needs Go for the streaming load generator and the upstream's timestamped events: "
+            "install with `apt-get install golang-go`"
+        )
+    notes: list[str] = []
+    peers = start_peers(ctx, name, notes)
+    try:
+
+        def measure(peer: Peer, index: int, runs) -> dict:
+            meter = Meter(peer, notes, ctx.upstream)
+            out = load.run_sseload(ctx.box, ctx.layout, peer.url, BENCH_TOKEN, **shape)
+            used = meter.done()
+            res = {
+                "streams": out["streams"],
+                "failed": out["failed"],
+                "errors": out["errors"],
+                "events": out["events"],
+                "events_expected": out["events_expected"],
+                "ttfe_p50_ms": out["ttfe_ms"].get("p50"),
+                "ttfe_p99_ms": out["ttfe_ms"].get("p99"),
+                "delay_p50_ms": out["delay_ms"].get("p50"),
+                "delay_p99_ms": out["delay_ms"].get("p99"),
+                "delay_max_ms": out["delay_ms"].get("max"),
+                "wall_s": out["wall_s"],
+                "cpu_s": used["cpu_s"],
+                "cpu_pct": used["cpu_s"] / out["wall_s"] * 100,
+                "peak_rss_mb": used["peak_rss_mb"],
+            }
+            load_side(res, used["upstream_cpu_s"], out.get("cpu_s", 0.0), out["wall_s"])
+            direct = runs.get("a", [])
+            if peer.key != "a" and len(direct) > index and "delay_p50_ms" in direct[index]:
+                base = direct[index]
+                if res["delay_p50_ms"] is not None and base["delay_p50_ms"] is not None:
+                    res["added_p50_ms"] = res["delay_p50_ms"] - base["delay_p50_ms"]
+                    res["added_p99_ms"] = res["delay_p99_ms"] - base["delay_p99_ms"]
+            say(
+                f"    failed {res['failed']}/{res['streams']}, delay p50 {res['delay_p50_ms'] or 0:.2f} "
+                f"p99 {res['delay_p99_ms'] or 0:.2f} max {res['delay_max_ms'] or 0:.1f} ms, "
+                f"CPU {res['cpu_pct']:.0f}%, peak RSS {res['peak_rss_mb'] or 0:.1f} MB"
+            )
+            return res
+
+        runs = interleave(ctx, peers, measure, notes, pause=2.0)
+        saturation_notes(ctx, peers, runs, notes)
+    finally:
+        stop_peers(peers)
+    setup = [
+        f"each of the {shape['streams']:,} streams starts within the first {shape['ramp_ms']} ms "
+        "(spread evenly, so they are not all in phase); a worker runs its rounds one after the other "
+        "on its keep-alive connection",
+        "event delay = arrival at the client − the upstream's send timestamp (t_sent in the event); "
+        "added delay = a peer's percentile − direct's percentile of the same round",
+        "a stream fails on any error, a non-200 status, a missing event or a missing [DONE]",
+        "CPU % = CPU seconds over the load's wall time × 100 (2 workers: summed); peak RSS = VmHWM reset "
+        "before each run (clear_refs), the largest worker's",
+    ]
+    result = result_dict(name, title, ctx, peers, runs, STREAM_FIGURES, setup, notes)
+    s = result["summary"]
+    go_added, go_cpu = get(s, "b", "added_p99_ms"), get(s, "b", "cpu_pct")
+    targets = [
+        Target("1 worker: 0 failed streams", get(s, "c", "failed", "max"), 0, "worst run", ",.0f"),
+        Target(
+            "1 worker: added p99 event delay ≤ Go's + 5 ms",
+            get(s, "c", "added_p99_ms"),
+            max(go_added, 0) + 5 if go_added is not None else None,
+            "medians; a negative Go figure (noise) counts as 0",
+            ",.2f",
+        ),
+        Target(
+            "1 worker: CPU ≤ 1.5× Go's (% of a core)",
+            get(s, "c", "cpu_pct"),
+            1.5 * go_cpu if go_cpu is not None else None,
+            "medians",
+            ",.0f",
+        ),
+        Target("1 worker: peak RSS ≤ 100 MB", get(s, "c", "peak_rss_mb", "max"), 100, "worst run", ",.1f"),
+    ]
+    return result, STREAM_FIGURES, targets
+
+
+# ---------------------------------------------------------------------------- reload
+
+RELOAD_FIGURES = [
+    Figure(
+        "reload_small_s",
+        f"replace → first request served with the new table, {TABLE_SIZE:,} tokens (s)",
+        ",.3f",
+    ),
+    Figure(
+        "reload_big_s", f"replace → first request served with the new table, {BIG_TABLE:,} tokens (s)", ",.3f"
+    ),
+    Figure("max_delay_idle_ms", "max event delay, ~20 streams, no reload (ms)", ",.1f"),
+    Figure("max_delay_reload_ms", f"max event delay, ~20 streams, {BIG_TABLE:,}-token reload (ms)", ",.1f"),
+    Figure("p99_delay_reload_ms", f"p99 event delay during the {BIG_TABLE:,}-token reload (ms)", ",.2f"),
+    Figure("failed", "failed streams (both loads)", ",.0f", ratio=False),
+    Figure("write_s", f"write of the {BIG_TABLE:,}-token file (s, harness side)", ",.3f", ratio=False),
+]
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def _poll_served(peer: Peer, token: str, timeout: float) -> float | None:
+    """Seconds until a request with ``token`` (only in the new table) is served; None on timeout."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        if request(peer.port, "POST", peer.chat_path, token, CHAT_BODY, timeout=5) == 200:
+            return time.monotonic() - start
+        time.sleep(0.01)
+    return None
+
+
+def reload(ctx: Context) -> tuple[dict, list[Figure], list[Target]]:
+    name = "reload"
+    shape = {
+        "streams": 20,
+        "rounds": 1,
+        "events": 80 if ctx.quick else 120,
+        "interval_ms": 50,
+        "ramp_ms": 200,
+    }
+    stream_s = load.expected_seconds(**{k: shape[k] for k in ("rounds", "events", "interval_ms", "ramp_ms")})
+    reload_at = 1.0
+    title = (
+        f"token table hot reload: replace → served, and the pause a {BIG_TABLE:,}-token reload causes to "
+        f"{shape['streams']} streams in flight ({shape['events']} events at {shape['interval_ms']} ms)"
+    )
+    notes: list[str] = []
+    if not ctx.box.have_go:
+        notes.append("no Go: the Go reference and the event-delay figures (they need sseload) are skipped")
+    peers = start_peers(ctx, name, notes)
+    say(f"  building a {BIG_TABLE:,}-token table")
+    ctx.tables.prepare(BIG_TABLE)  # builds and caches the rows once
+    try:
+
+        def streams_args(peer: Peer) -> list[str]:
+            return load.sseload_args(ctx.box, ctx.layout, peer.url, BENCH_TOKEN, **shape)
+
+        def measure(peer: Peer, index: int, runs) -> dict:
+            res: dict = {"failed": 0}
+            if ctx.box.have_go:
+                idle = load.finish_sseload(load.start_sseload(streams_args(peer)), stream_s + 90)
+                res["max_delay_idle_ms"] = idle["delay_ms"].get("max")
+                res["p99_delay_idle_ms"] = idle["delay_ms"].get("p99")
+                res["failed"] += idle["failed"]
+            if not peer.reloads:
+                return res
+            path = peer.table_path
+            # 1) a small table, nothing in flight
+            token = ctx.tables.new_token(peer.name)
+            data = ctx.tables.prepare(TABLE_SIZE, (BENCH_TOKEN, token))
+            replace(path, data)
+            res["reload_small_s"] = _poll_served(peer, token, 30)
+            # 2) a big table while streams are in flight
+            token = ctx.tables.new_token(peer.name)
+            data = ctx.tables.prepare(BIG_TABLE, (BENCH_TOKEN, token))
+            streams = load.start_sseload(streams_args(peer)) if ctx.box.have_go else None
+            started = time.monotonic()
+            time.sleep(reload_at)
+            before = time.monotonic()
+            replace(path, data)
+            res["write_s"] = time.monotonic() - before
+            res["reload_big_s"] = _poll_served(peer, token, 30)
+            served_at = time.monotonic() - started
+            if streams is not None:
+                during = load.finish_sseload(streams, stream_s + 90)
+                res["max_delay_reload_ms"] = during["delay_ms"].get("max")
+                res["p99_delay_reload_ms"] = during["delay_ms"].get("p99")
+                res["failed"] += during["failed"]
+                res["reload_within_streams"] = served_at < during["wall_s"]
+                if not res["reload_within_streams"]:
+                    notes.append(
+                        f"{peer.label}, run {index + 1}: the new table was served only after the streams "
+                        "had ended: the pause figure does not cover the whole reload"
+                    )
+            say(
+                f"    served after {_fmt(res['reload_small_s'], '.3f')} s ({TABLE_SIZE:,}) / "
+                f"{_fmt(res['reload_big_s'], '.3f')} s ({BIG_TABLE:,}); max event delay "
+                f"{_fmt(res.get('max_delay_idle_ms'), '.1f')} ms idle, "
+                f"{_fmt(res.get('max_delay_reload_ms'), '.1f')} ms during the reload"
+            )
+            return res
+
+        runs = interleave(ctx, peers, measure, notes, pause=1.0)
+    finally:
+        stop_peers(peers)
+    setup = [
+        "replace = common.tokentable.write_atomic (temp file, fsync, os.replace, fsync of the "
+        "directory); the "
+        "clock starts when it returns",
+        "served = the first 200 to a request (new connection each, every 10 ms) with a token that "
+        "only the new "
+        "table has (2 workers: whichever worker answers)",
+        "our proxy: TOKEN_FILE_POLL at its default, 1 s (what users get); the Go reference polls "
+        "mtime/size/inode "
+        "every 1 s",
+        f"the {BIG_TABLE:,}-token file is replaced {reload_at:.0f} s after {shape['streams']} streams "
+        "started; "
+        "max event delay is over every event of those streams (compare with the same load without a reload)",
+    ]
+    result = result_dict(name, title, ctx, peers, runs, RELOAD_FIGURES, setup, notes)
+    s = result["summary"]
+    targets = []
+    for key in "cd":
+        if key in peers:
+            label = peers[key].label
+            targets += [
+                Target(
+                    f"{label}: new {TABLE_SIZE:,}-token table served within 1.5 s (s)",
+                    get(s, key, "reload_small_s", "max"),
+                    1.5,
+                    "worst run",
+                    ",.3f",
+                ),
+                Target(
+                    f"{label}: new {BIG_TABLE:,}-token table served within 1.5 s (s)",
+                    get(s, key, "reload_big_s", "max"),
+                    1.5,
+                    "worst run",
+                    ",.3f",
+                ),
+                Target(
+                    f"{label}: no event delayed > 200 ms by a {BIG_TABLE:,}-token reload (ms)",
+                    get(s, key, "max_delay_reload_ms", "max"),
+                    200,
+                    "worst run, max event delay",
+                    ",.1f",
+                ),
+            ]
+    return result, RELOAD_FIGURES, targets
+
+
+SCENARIOS = {"small": small, "stream1000": stream1000, "reload": reload}
