@@ -142,6 +142,12 @@ class MaskingJsonFormatter(JsonFormatter):
 
 def setup(level: str, service: str, stream=None) -> logging.Logger:
     """Route the root logger to one JSON line per record on stdout; return the service logger."""
+    # The logging HOWTO's "Optimization": no caller lookup (a stack walk per record), no thread
+    # or process names; none of them is in our lines, and the worker logs once per request.
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     handler = logging.StreamHandler(stream if stream is not None else sys.stdout)
     handler.setFormatter(
         MaskingJsonFormatter(

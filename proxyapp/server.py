@@ -457,7 +457,14 @@ class ProxyHandler(WSGIHandler):
 
     def _sendall(self, data) -> None:
         try:
-            self.socket.sendall(data)
+            # One non-blocking send first: it takes the whole of a small response or SSE event.
+            # gevent's sendall would also ask the kernel for SO_SNDBUF on every call.
+            try:
+                sent = self.socket._sock.send(data)
+            except BlockingIOError:
+                sent = 0
+            if sent < len(data):
+                self.socket.sendall(memoryview(data)[sent:])  # waits, within CLIENT_SEND_TIMEOUT
         except TimeoutError:
             # A client that stops reading: give up on it (pywsgi closes quietly on ECONNRESET).
             self.close_connection = True
