@@ -81,6 +81,9 @@ def _now() -> float:
     return time.perf_counter()
 
 
+_monotonic = time.monotonic
+
+
 class Forwarder:
     """Everything fixed for the life of the worker: config, router, session, limits."""
 
@@ -132,6 +135,8 @@ class Exchange:
         self.active = False
         self._watch = None
         self._timer = None
+        self._idle_timer = None
+        self.waiting_since: float | None = None  # when we started waiting for the upstream's next byte
 
     # -- the request
 
@@ -293,6 +298,7 @@ class Exchange:
         raw = self.raw
         capture_left = self.fw.log_body_max
         content_type = raw.headers.get("Content-Type")
+        self._watch_upstream_silence(raw)
         chunks = body_chunks(raw)
         if self.fw.sse_keepalive and is_event_stream(content_type):
             chunks = with_keepalive(chunks, self.fw.sse_keepalive)
@@ -312,7 +318,9 @@ class Exchange:
                 if capture_left > 0:
                     self.response_capture += chunk[:capture_left]
                     capture_left -= len(chunk)
+                self.waiting_since = None
                 yield chunk
+                self.waiting_since = _monotonic()
                 if meter is not None:  # after the yield: metering never delays a byte
                     meter.feed(chunk)
             self.end_reason = "complete"
@@ -347,6 +355,26 @@ class Exchange:
             self._timer = loop.timer(self.fw.total_timeout)
             self._timer.start(self._abort, "total_timeout")
 
+    def _watch_upstream_silence(self, raw) -> None:
+        """UPSTREAM_READ_TIMEOUT while the body streams, with one periodic check per exchange.
+
+        A socket timeout would make gevent create and cancel a timer on every wait for the next
+        chunk; per event, that cost more than forwarding it. urllib3 sets the socket's timeout
+        again when the connection is next used."""
+        sock = getattr(raw._connection, "sock", None) if raw._connection is not None else None
+        if sock is None:
+            return
+        sock.settimeout(None)
+        self.waiting_since = _monotonic()
+        period = min(self.fw.timeout[1], 1.0)
+        self._idle_timer = self.fw.loop.timer(period, period)
+        self._idle_timer.start(self._check_upstream_silence)
+
+    def _check_upstream_silence(self) -> None:
+        since = self.waiting_since
+        if since is not None and _monotonic() - since >= self.fw.timeout[1]:
+            self._abort("upstream_timeout")
+
     def _disarm(self) -> None:
         if self.active:
             self.active = False
@@ -357,6 +385,9 @@ class Exchange:
         if self._timer is not None:
             self._timer.stop()
             self._timer = None
+        if self._idle_timer is not None:
+            self._idle_timer.stop()
+            self._idle_timer = None
 
     def _on_client_readable(self) -> None:
         try:

@@ -331,6 +331,37 @@ def test_upstream_read_timeout_answers_504(proxy_factory, default_rows, upstream
     assert conn["closed_by"] == "client"
 
 
+def test_upstream_silent_mid_stream_longer_than_the_read_timeout_is_cut(
+    proxy_factory, default_rows, upstream, auth
+):
+    # The read timeout applies between body bytes too (a per-exchange watchdog, not a socket
+    # timeout): a stream that goes silent for 3 s with UPSTREAM_READ_TIMEOUT=1 is cut after ~1 s.
+    proxy = proxy_factory(env={"UPSTREAM_READ_TIMEOUT": "1"}, rows=default_rows)
+    request_id = new_id()
+    client = RawClient(proxy.port)
+    started = time.monotonic()
+    try:
+        client.send_request(headers=request_headers(auth, "sse;events=5;interval=0.05;stall=3", request_id))
+        status, _ = client.read_head()
+        assert status == 200
+        body = client.read_body()
+        ended = time.monotonic() - started
+        assert not client.clean_end and client.eof
+    finally:
+        client.close()
+    assert body.count(b"data: ") == 1  # the first event, then silence
+    assert 0.9 <= ended < 2.6, ended
+    access = proxy.access_line(request_id)
+    assert access["end_reason"] == "upstream_timeout", access
+    (record,) = upstream_records(upstream, request_id)
+    conn = wait_for(
+        lambda: (c := upstream_connection(upstream, record["conn_id"])) and c["closed"] and c,
+        timeout=3,
+        what="upstream connection closed",
+    )
+    assert conn["closed_by"] == "client"
+
+
 def test_total_timeout_cuts_a_trickling_answer(proxy_factory, default_rows, auth):
     proxy = proxy_factory(env={"UPSTREAM_TOTAL_TIMEOUT": "1.5"}, rows=default_rows)
     request_id = new_id()
