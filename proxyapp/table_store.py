@@ -17,6 +17,7 @@ from typing import NamedTuple
 from urllib.parse import urlsplit
 
 import gevent
+from gevent.event import Event
 
 from common import tokentable
 from common.jsonlog import mask_secret
@@ -112,6 +113,8 @@ class TableStore:
         self._rejected: FileVersion | None = None  # last bad version, logged once
         self._missing_logged = False
         self._watcher: gevent.Greenlet | None = None
+        self._stat_watcher = None
+        self._changed = Event()
 
     # -- loading
 
@@ -198,20 +201,44 @@ class TableStore:
     # -- watching
 
     def start_watching(self) -> gevent.Greenlet:
+        """Check the file every ``poll_interval`` seconds, and at once when libev's stat watcher
+        (inotify on Linux) sees it replaced: a new table is then served in the time it takes to
+        load, not up to a poll interval later."""
+        self._changed = Event()
+        try:
+            self._stat_watcher = gevent.get_hub().loop.stat(self.path, self.poll_interval)
+            self._stat_watcher.start(self._changed.set)
+        except Exception:  # polling alone still works
+            self._stat_watcher = None
         self._watcher = gevent.spawn(self._watch_forever)
         return self._watcher
 
     def stop_watching(self) -> None:
+        if self._stat_watcher is not None:
+            self._stat_watcher.stop()
         if self._watcher is not None:
             self._watcher.kill(block=False)
 
     def _watch_forever(self) -> None:
         while True:
-            gevent.sleep(self.poll_interval)
+            if self._changed.wait(self.poll_interval):
+                self._settle()
+            self._changed.clear()
             try:
                 self.check()
             except Exception:  # the watcher must outlive any fault; a dead watcher never reloads
                 log.exception("token table watcher error", extra={"event": "table_watch_error"})
+
+
+    def _settle(self, quiet: float = 0.05, longest: float = 1.0) -> None:
+        # A file written in place (an operator's editor, a plain copy) fires several events: the
+        # truncation, then each write. Wait until it has been quiet for a moment, so one edit is
+        # one check and a half-written file is not reported as a bad version.
+        deadline = time.monotonic() + longest
+        while time.monotonic() < deadline:
+            self._changed.clear()
+            if not self._changed.wait(quiet):
+                return
 
 
 def _pause() -> None:

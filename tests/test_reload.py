@@ -333,3 +333,19 @@ def test_big_table_reload_does_not_stall_streams(proxy, upstream):
     response = post(proxy, tokens[54321], request_id=request_id)
     assert response.status_code == 200
     assert proxy.access_line(request_id)["token_id"] == 100_000 + 54321
+
+
+def test_a_replaced_file_is_noticed_at_once_not_at_the_next_poll(proxy_factory, upstream):
+    # TOKEN_FILE_POLL is only the fallback: the stat watcher (inotify) sees the replace at once.
+    url = upstream.url + "/v1"
+    proxy = proxy_factory(
+        env={"TOKEN_FILE_POLL": "30"}, rows={CLIENT_TOKEN: row(url, UPSTREAM_KEY, token_id=7)}
+    )
+    assert post(proxy, OTHER_CLIENT_TOKEN).status_code == 401
+    replaced = time.monotonic()
+    write_table(proxy.token_file, {OTHER_CLIENT_TOKEN: row(url, UPSTREAM_KEY, token_id=8)})
+    wait_for(
+        lambda: post(proxy, OTHER_CLIENT_TOKEN).status_code == 200, timeout=3, interval=0.02, what="new table"
+    )
+    assert time.monotonic() - replaced < 1.5
+    assert post(proxy, CLIENT_TOKEN).status_code == 401
