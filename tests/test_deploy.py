@@ -484,6 +484,27 @@ def test_deployment_comes_up(dep, backend, upstream):
     assert line["pid"] in {pid for _, pid in states.values()}
 
 
+def _requests_total(url: str) -> float:
+    text = requests.get(url + "/_proxy/metrics", timeout=5).text
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("llmproxy_requests_total{")
+    )
+
+
+def test_metrics_of_the_deployment_add_up_to_the_requests_sent(dep):
+    # Whichever worker answers the scrape sums every worker's snapshot (written each second).
+    before = _requests_total(dep.url)
+    sent = 40
+    for _ in range(sent):
+        assert post(dep.url, CLIENT_TOKEN).status_code == 200
+    wait_for(lambda: _requests_total(dep.url) - before == sent, timeout=5, interval=0.2, what="metrics")
+    workers = [line for line in requests.get(dep.url + "/_proxy/metrics", timeout=5).text.splitlines()]
+    assert "llmproxy_workers 2" in workers
+    assert any(line.startswith("llmproxy_syncer_last_success_timestamp_seconds ") for line in workers)
+
+
 def test_requests_flow_through_every_worker(dep):
     states = dep.status()
     worker_pids = {states["proxy:proxy_00"][1], states["proxy:proxy_01"][1]}
