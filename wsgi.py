@@ -8,6 +8,7 @@ from gevent import monkey
 
 monkey.patch_all()
 
+import dataclasses  # noqa: E402
 import logging  # noqa: E402
 import resource  # noqa: E402
 import signal  # noqa: E402
@@ -69,10 +70,8 @@ def main() -> int:
         log.error("cannot listen", extra={"event": "listen_failed", "error": str(exc)})
         return 1
     max_connections = _connection_limit(config.max_client_connections)
-    config_for_server = (
-        config if max_connections == config.max_client_connections else _with_limit(config, max_connections)
-    )
-    server = ProxyServer(listener, app, config=config_for_server, on_rejected_request=log_rejected_request)
+    server_config = dataclasses.replace(config, max_client_connections=max_connections)
+    server = ProxyServer(listener, app, config=server_config, on_rejected_request=log_rejected_request)
     stop = Event()
     gevent.signal_handler(signal.SIGTERM, stop.set)
     gevent.signal_handler(signal.SIGINT, stop.set)
@@ -94,14 +93,12 @@ def main() -> int:
     )
     server.drain()
     drained = server.wait_drained(config.graceful_timeout)
+    try:  # the last second of counters, so the deployment's totals lose nothing across restarts
+        app.extensions["proxy.metrics"].write_snapshot()
+    except OSError:
+        pass
     log.info("stopped", extra={"event": "stopped", "drained": drained})
     return 0
-
-
-def _with_limit(config: ProxyConfig, limit: int) -> ProxyConfig:
-    from dataclasses import replace
-
-    return replace(config, max_client_connections=limit)
 
 
 _application = None
