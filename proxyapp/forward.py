@@ -228,7 +228,10 @@ class Exchange:
             if self.x_api_key is not None:
                 headers["x-api-key"] = self.x_api_key
         client_ip = self.environ.get("REMOTE_ADDR", "")
-        headers["X-Forwarded-For"] = f"{self.xff}, {client_ip}" if self.xff else client_ip
+        if client_ip:
+            headers["X-Forwarded-For"] = f"{self.xff}, {client_ip}" if self.xff else client_ip
+        elif self.xff:
+            headers["X-Forwarded-For"] = self.xff
         headers["X-Request-ID"] = self.request_id
         # Add nothing of our own: urllib3 would add User-Agent, http.client Accept-Encoding.
         if "user-agent" not in self.forward_headers:
