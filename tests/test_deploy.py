@@ -494,8 +494,16 @@ def _requests_total(url: str) -> float:
 
 
 def test_metrics_of_the_deployment_add_up_to_the_requests_sent(dep):
-    # Whichever worker answers the scrape sums every worker's snapshot (written each second).
-    before = _requests_total(dep.url)
+    # Whichever worker answers the scrape sums every worker's snapshot (written each second), so
+    # the baseline is taken once the fixture's own requests have reached every snapshot.
+    readings = []
+
+    def settled() -> bool:
+        readings.append(_requests_total(dep.url))
+        return len(readings) >= 2 and readings[-1] == readings[-2]
+
+    wait_for(settled, timeout=10, interval=1.2, what="settled metrics")
+    before = readings[-1]
     sent = 40
     for _ in range(sent):
         assert post(dep.url, CLIENT_TOKEN).status_code == 200
