@@ -76,6 +76,7 @@ class WorkerMetrics:
         self.counters: dict[tuple, float] = defaultdict(float)
         self.histograms: dict[tuple, list] = {}
         self.in_flight_streams = 0
+        self.seen_files: set[str] = set()  # other workers' snapshot names, for render()
 
     # -- the request path
 
@@ -153,6 +154,10 @@ class WorkerMetrics:
 
     def start_writer(self, interval: float = 1.0) -> gevent.Greenlet:
         def run() -> None:
+            try:  # at once, so a worker counts among the live ones from its first second
+                self.write_snapshot()
+            except Exception:
+                log.exception("cannot write the metrics snapshot", extra={"event": "metrics_error"})
             while True:
                 gevent.sleep(interval)
                 try:
@@ -189,10 +194,13 @@ def render(worker: WorkerMetrics, *, syncer_status_path: str | None) -> str:
     snapshots = {worker.pid: worker.snapshot()}
     live = {worker.pid}
     try:
-        names = os.listdir(worker.directory)
+        names = set(os.listdir(worker.directory))
     except OSError:
-        names = []
-    for name in names:
+        names = set()
+    # A listing taken while another worker renames its snapshot into place may miss that name
+    # (readdir during a rename is unspecified): files seen once are opened by path every time.
+    names |= worker.seen_files
+    for name in sorted(names):
         if not (name.startswith("worker-") and name.endswith(".json")):
             continue
         try:
@@ -205,7 +213,9 @@ def render(worker: WorkerMetrics, *, syncer_status_path: str | None) -> str:
             with open(os.path.join(worker.directory, name), encoding="utf-8") as handle:
                 snapshots[pid] = json.load(handle)
         except (OSError, ValueError):
+            worker.seen_files.discard(name)
             continue
+        worker.seen_files.add(name)
         if _alive(pid):
             live.add(pid)
     counters: dict[tuple, float] = defaultdict(float)

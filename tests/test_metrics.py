@@ -113,7 +113,9 @@ def test_metrics_add_up_over_two_workers_sharing_a_port(tmp_path, upstream, defa
             return total(scrape(url), "requests_total") == sent
 
         wait_for(counted, timeout=5, interval=0.3, what="both workers' requests in the metrics")
+        time.sleep(1.2)  # both snapshots are now newer than the last request, whoever answers
         samples = scrape(url)
+        assert total(samples, "requests_total") == sent
         assert total(samples, "workers") == 2
         assert total(samples, "usage_tokens_total", kind="total") == 0  # no such kind is invented
         assert total(samples, "usage_tokens_total", kind="prompt") == sent * 11
