@@ -9,6 +9,7 @@ unchanged, and write one access line when the exchange ends, however it ends.
 from __future__ import annotations
 
 import http.client
+import logging
 import os
 import re
 import socket
@@ -24,7 +25,7 @@ from common.jsonlog import mask_text
 from proxyapp.config import ProxyConfig
 from proxyapp.errors import ClientError, ClientGone, ExchangeAborted, error_body
 from proxyapp.keepalive import is_event_stream, with_keepalive
-from proxyapp.logs import body_for_log, headers_for_log, log_access
+from proxyapp.logs import access_log, body_for_log, headers_for_log, log_access
 from proxyapp.routing import Decision, Rejection, Router, extract_credential
 from proxyapp.upstream import SKIP_HEADER, UpstreamError, body_chunks, describe_stream_error, open_upstream
 from proxyapp.usage import FIELDS as USAGE_FIELDS
@@ -469,6 +470,8 @@ class Exchange:
         return AbortConnection()
 
     def _log(self) -> None:
+        if not access_log.isEnabledFor(logging.INFO):  # LOG_LEVEL=warn: build nothing
+            return
         now = _now()
         environ = self.environ
         secrets = self.secrets
