@@ -17,7 +17,6 @@ import signal
 import socket
 import struct
 import subprocess
-import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -31,6 +30,7 @@ from tests.conftest import start_proxy
 from tests.fakes.backend import FakeBackendControl
 from tests.support.procs import LOG_FILES, PYTHON, REPO, Process, free_port, port_open, wait_for
 from tests.support.rawhttp import Resp, parse_one, read_response, read_until_close
+from tests.support.sse import EVENT_END, StreamReader
 from tests.support.tables import CLIENT_TOKEN, UPSTREAM_KEY, row, write_table
 
 pytestmark = pytest.mark.hostile
@@ -38,7 +38,6 @@ pytestmark = pytest.mark.hostile
 CHAT = "/chat/completions"
 BODY = json.dumps({"model": "m-faults", "messages": [{"role": "user", "content": "hi"}]}).encode()
 DEAD_TOKEN = "tok-faults-dead-upstream-3c1d"
-EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
 TEMP_FILE = re.compile(r"^\.tokens\.json\..*\.tmp$")
 
 
@@ -467,82 +466,6 @@ def test_no_fd_or_memory_leak_over_1000_disconnects_mid_stream(proxy_factory, de
 
 
 # ------------------------------------------------------------------------------------------ SIGTERM
-
-
-class StreamReader(threading.Thread):
-    """Reads one chunked SSE response through a raw socket in the background."""
-
-    def __init__(self, port: int, fake: str) -> None:
-        super().__init__(daemon=True)
-        self.port, self.fake, self.request_id = port, fake, new_id()
-        self.events: list[str] = []
-        self.status = 0
-        self.clean_end = False
-        self.error: BaseException | None = None
-        self.first_event = threading.Event()
-
-    def run(self) -> None:
-        try:
-            self._run()
-        except BaseException as exc:
-            self.error = exc
-        finally:
-            self.first_event.set()
-
-    def _recv(self, sock: socket.socket) -> bytes:
-        try:
-            return sock.recv(65536)
-        except ConnectionResetError:
-            return b""
-
-    def _run(self) -> None:
-        sock = socket.create_connection(("127.0.0.1", self.port), timeout=20)
-        try:
-            sock.sendall(request(self.fake, request_id=self.request_id))
-            buf = b""
-            while b"\r\n\r\n" not in buf:
-                data = self._recv(sock)
-                if not data:
-                    raise EOFError(buf)
-                buf += data
-            head, _, buf = buf.partition(b"\r\n\r\n")
-            self.status = int(head.split(b" ")[1])
-            sse = b""
-            while True:
-                while b"\r\n" not in buf:
-                    data = self._recv(sock)
-                    if not data:
-                        return
-                    buf += data
-                size_line, _, buf = buf.partition(b"\r\n")
-                size = int(size_line.split(b";")[0], 16)
-                while len(buf) < size + 2:
-                    data = self._recv(sock)
-                    if not data:
-                        return
-                    buf += data
-                if size == 0:
-                    self.clean_end = buf[:2] == b"\r\n"
-                    return
-                sse += buf[:size]
-                buf = buf[size + 2 :]
-                while (match := EVENT_END.search(sse)) is not None:
-                    block, sse = sse[: match.start()], sse[match.end() :]
-                    if block.startswith(b"data: "):
-                        self.events.append(block[6:].decode())
-                        self.first_event.set()
-        finally:
-            sock.close()
-
-    def complete(self, events: int) -> bool:
-        indexes = [json.loads(e)["i"] for e in self.events if e != "[DONE]"]
-        return (
-            self.error is None
-            and self.status == 200
-            and indexes == list(range(events))
-            and self.events[-1:] == ["[DONE]"]
-            and self.clean_end
-        )
 
 
 def test_sigterm_with_50_streams_in_flight_lets_all_finish(proxy_factory, default_rows):

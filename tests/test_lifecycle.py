@@ -14,11 +14,11 @@ import uuid
 import requests
 
 from tests.support.procs import port_open, wait_for
+from tests.support.sse import StreamReader
 from tests.support.tables import CLIENT_TOKEN
 
 CHAT = "/v1/chat/completions"
 BODY = json.dumps({"model": "m-life", "messages": [{"role": "user", "content": "hi"}]}).encode()
-EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -35,76 +35,6 @@ def request_bytes(fake: str, request_id: str, method: str = "POST", body: bytes 
         f"Content-Length: {len(body)}\r\n\r\n"
     )
     return head.encode() + body
-
-
-class StreamReader(threading.Thread):
-    """Reads one chunked SSE response through a raw socket in the background."""
-
-    def __init__(self, port: int, fake: str) -> None:
-        super().__init__(daemon=True)
-        self.port, self.fake, self.request_id = port, fake, new_id()
-        self.events: list[str] = []
-        self.status = 0
-        self.clean_end = False
-        self.error: BaseException | None = None
-        self.first_event = threading.Event()
-
-    def run(self) -> None:
-        try:
-            self._run()
-        except BaseException as exc:
-            self.error = exc
-        finally:
-            self.first_event.set()
-
-    def _recv(self, sock: socket.socket) -> bytes:
-        try:
-            return sock.recv(65536)
-        except ConnectionResetError:
-            return b""
-
-    def _run(self) -> None:
-        sock = socket.create_connection(("127.0.0.1", self.port), timeout=20)
-        try:
-            sock.sendall(request_bytes(self.fake, self.request_id))
-            buf = b""
-            while b"\r\n\r\n" not in buf:
-                data = self._recv(sock)
-                if not data:
-                    raise EOFError(buf)
-                buf += data
-            head, _, buf = buf.partition(b"\r\n\r\n")
-            self.status = int(head.split(b" ")[1])
-            assert b"transfer-encoding: chunked" in head.lower(), head
-            sse = b""
-            while True:
-                while b"\r\n" not in buf:
-                    data = self._recv(sock)
-                    if not data:
-                        return
-                    buf += data
-                size_line, _, buf = buf.partition(b"\r\n")
-                size = int(size_line.split(b";")[0], 16)
-                while len(buf) < size + 2:
-                    data = self._recv(sock)
-                    if not data:
-                        return
-                    buf += data
-                if size == 0:
-                    self.clean_end = buf[:2] == b"\r\n"
-                    return
-                sse += buf[:size]
-                buf = buf[size + 2 :]
-                while (match := EVENT_END.search(sse)) is not None:
-                    block, sse = sse[: match.start()], sse[match.end() :]
-                    if block.startswith(b"data: "):
-                        self.events.append(block[6:].decode())
-                        self.first_event.set()
-        finally:
-            sock.close()
-
-    def indexes(self) -> list[int]:
-        return [json.loads(e)["i"] for e in self.events if e != "[DONE]"]
 
 
 def read_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
