@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
+import sys
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -135,6 +137,8 @@ def main() -> None:
     args = parser.parse_args()
     handler = BackendHandler if args.role == "backend" else UpstreamHandler
     server = _Server((args.host, args.port), handler)
+    # supervisord stops programs with SIGTERM: exit 0, so the stop is logged as a clean one.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     print(json.dumps({"event": "demo_listening", "role": args.role, "port": args.port}), flush=True)
     server.serve_forever()
 
