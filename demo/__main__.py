@@ -22,11 +22,25 @@ class _Server(ThreadingHTTPServer):
     allow_reuse_address = True
 
 
-class BackendHandler(BaseHTTPRequestHandler):
+class _JSONHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def _json(self, status: int, payload: dict) -> None:
+        body = json.dumps(payload, ensure_ascii=False).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args) -> None:
+        pass  # the demo is quiet; the proxy logs every request
+
+
+class BackendHandler(_JSONHandler):
     """GET /api/tokens/with-model: the token-model list, from the example file, in the backend's shape."""
 
     data_file = os.path.join(HERE, "tokens.example.json")
-    protocol_version = "HTTP/1.1"
 
     def do_GET(self) -> None:
         if self.path.split("?")[0] != "/api/tokens/with-model":
@@ -38,22 +52,9 @@ class BackendHandler(BaseHTTPRequestHandler):
         rows = json.loads(text)
         self._json(200, {"code": 0, "message": "success", "data": rows})
 
-    def _json(self, status: int, payload: dict) -> None:
-        body = json.dumps(payload, ensure_ascii=False).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
 
-    def log_message(self, format: str, *args) -> None:
-        pass
-
-
-class UpstreamHandler(BaseHTTPRequestHandler):
+class UpstreamHandler(_JSONHandler):
     """POST /v1/chat/completions (and /v1/models): a tiny OpenAI-compatible model that streams."""
-
-    protocol_version = "HTTP/1.1"
 
     def do_GET(self) -> None:
         if self.path.rstrip("/").endswith("/models"):
@@ -116,17 +117,6 @@ class UpstreamHandler(BaseHTTPRequestHandler):
     def _send_chunk(self, data: bytes) -> None:
         self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
         self.wfile.flush()
-
-    def _json(self, status: int, payload: dict) -> None:
-        body = json.dumps(payload).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args) -> None:
-        pass
 
 
 def main() -> None:
