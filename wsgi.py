@@ -17,7 +17,7 @@ import sys  # noqa: E402
 import gevent  # noqa: E402
 from gevent.event import Event  # noqa: E402
 
-from common.envparse import ConfigError  # noqa: E402
+from common.envparse import ConfigError, without_password  # noqa: E402
 from common.jsonlog import setup as setup_logging  # noqa: E402
 from proxyapp import create_app  # noqa: E402
 from proxyapp.config import ProxyConfig  # noqa: E402
@@ -83,6 +83,9 @@ def main() -> int:
             "address": f"{config.listen_host}:{listener.getsockname()[1]}",
             "token_routing": config.enable_token_routing,
             "max_connections": max_connections,
+            "upstream_ca_bundle": config.upstream_ca_bundle or "certifi",
+            "upstream_proxy": without_password(config.upstream_proxy) or None,
+            "upstream_no_proxy": ",".join(config.upstream_no_proxy) or None,
         },
     )
     stop.wait()

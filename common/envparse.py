@@ -82,6 +82,30 @@ class Env:
             raise ConfigError(name, value, "expected an http:// or https:// URL with a host")
         return value.rstrip("/")
 
+    def path(self, name: str) -> str:
+        """An existing file or directory (made absolute), or "" when unset."""
+        value = self.raw(name, "")
+        if value and not os.path.exists(value):
+            raise ConfigError(name, value, "no such file or directory")
+        return os.path.abspath(value) if value else ""
+
+    def proxy_url(self, name: str) -> str:
+        """http://[user:password@]host:port, or "" when unset. Errors never repeat the password."""
+        value = self.raw(name, "")
+        if not value:
+            return ""
+        shown = without_password(value)
+        try:
+            parts = urlsplit(value)
+            port = parts.port
+        except ValueError:
+            raise ConfigError(name, shown, "not a valid URL (bad port?)") from None
+        if parts.scheme != "http" or not parts.hostname or port is None:
+            raise ConfigError(name, shown, "expected http://[user:password@]host:port")
+        if parts.path not in ("", "/") or parts.query or parts.fragment:
+            raise ConfigError(name, shown, "expected no path, query or fragment")
+        return value.rstrip("/")
+
     def listen_addr(self, name: str, default: str) -> tuple[str, int]:
         """':6800' or 'host:port'. An empty host means all interfaces, as in Go."""
         value = self.raw(name, default)
@@ -110,3 +134,12 @@ def metrics_dir(env: Env, token_file: str) -> str:
     if run_dir:
         default = os.path.join(run_dir, "metrics")
     return os.path.abspath(env.string("METRICS_DIR", default))
+
+
+def without_password(url: str) -> str:
+    """The URL with the password of its userinfo replaced by '***' (for logs and messages)."""
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, hostpart = rest.rpartition("@")
+    if not sep or not at or ":" not in userinfo:
+        return url
+    return f"{scheme}://{userinfo.partition(':')[0]}:***@{hostpart}"

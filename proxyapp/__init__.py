@@ -5,15 +5,18 @@ from __future__ import annotations
 from flask import Flask
 
 from proxyapp.config import ProxyConfig
+from proxyapp.egress import EgressProxy
 from proxyapp.forward import Forwarder
 from proxyapp.metrics import WorkerMetrics
 from proxyapp.routing import make_router
 from proxyapp.table_store import TableStore
-from proxyapp.upstream import make_session
+from proxyapp.upstream import UpstreamClient, make_tls_context
 from proxyapp.views import register
 
 
-def create_app(config: ProxyConfig, *, table_store: TableStore | None = None, session=None) -> Flask:
+def create_app(
+    config: ProxyConfig, *, table_store: TableStore | None = None, upstream: UpstreamClient | None = None
+) -> Flask:
     """Wire the app: routing (token table or fixed target), the upstream session, the views.
 
     Loading the table and watching the file are the caller's job (wsgi.py), so tests and other
@@ -23,9 +26,9 @@ def create_app(config: ProxyConfig, *, table_store: TableStore | None = None, se
         table_store = TableStore(config.token_file, config.token_file_poll)
     if not config.enable_token_routing:
         table_store = None
-    session = session or make_session(config.upstream_pool_maxsize)
+    upstream = upstream or make_upstream_client(config)
     metrics = WorkerMetrics(config.metrics_dir, store=table_store)
-    forwarder = Forwarder(config, make_router(config, table_store), session, metrics)
+    forwarder = Forwarder(config, make_router(config, table_store), upstream, metrics)
     metrics.in_flight = lambda: forwarder.in_flight
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = None
@@ -34,3 +37,14 @@ def create_app(config: ProxyConfig, *, table_store: TableStore | None = None, se
     app.extensions["proxy.metrics"] = metrics
     register(app, forwarder, table_store, config.sync_interval_minutes, metrics)
     return app
+
+
+def make_upstream_client(config: ProxyConfig) -> UpstreamClient:
+    """The worker's upstream side: the TLS context (trust store loaded once) and the egress proxy.
+    A CA bundle that cannot be loaded raises ConfigError naming UPSTREAM_CA_BUNDLE."""
+    egress = EgressProxy(config.upstream_proxy, config.upstream_no_proxy) if config.upstream_proxy else None
+    return UpstreamClient(
+        config.upstream_pool_maxsize,
+        tls_context=make_tls_context(config.upstream_ca_bundle),
+        egress=egress,
+    )

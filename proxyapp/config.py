@@ -31,6 +31,9 @@ class ProxyConfig:
     upstream_read_timeout: float = 600.0
     upstream_total_timeout: float = 0.0
     upstream_pool_maxsize: int = 1000
+    upstream_ca_bundle: str = ""  # "" = certifi's bundle
+    upstream_proxy: str = ""
+    upstream_no_proxy: tuple[str, ...] = ()
     graceful_timeout: float = 30.0
     client_idle_timeout: float = 75.0
     client_header_timeout: float = 60.0
@@ -63,6 +66,9 @@ class ProxyConfig:
             upstream_read_timeout=env.number("UPSTREAM_READ_TIMEOUT", 600.0, allow_zero=False),
             upstream_total_timeout=env.number("UPSTREAM_TOTAL_TIMEOUT", 0.0),
             upstream_pool_maxsize=env.integer("UPSTREAM_POOL_MAXSIZE", 1000, minimum=1),
+            upstream_ca_bundle=env.path("UPSTREAM_CA_BUNDLE"),
+            upstream_proxy=env.proxy_url("UPSTREAM_PROXY"),
+            upstream_no_proxy=env.csv("UPSTREAM_NO_PROXY"),
             graceful_timeout=env.number("GRACEFUL_TIMEOUT", 30.0),
             client_idle_timeout=env.number("CLIENT_IDLE_TIMEOUT", 75.0, allow_zero=False),
             client_header_timeout=env.number("CLIENT_HEADER_TIMEOUT", 60.0, allow_zero=False),

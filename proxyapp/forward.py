@@ -27,7 +27,14 @@ from proxyapp.errors import ClientError, ClientGone, ExchangeAborted, error_body
 from proxyapp.keepalive import is_event_stream, with_keepalive
 from proxyapp.logs import access_log, body_for_log, headers_for_log, log_access
 from proxyapp.routing import Decision, Rejection, Router, extract_credential
-from proxyapp.upstream import SKIP_HEADER, UpstreamError, body_chunks, describe_stream_error, open_upstream
+from proxyapp.upstream import (
+    SKIP_HEADER,
+    UpstreamClient,
+    UpstreamError,
+    body_chunks,
+    describe_stream_error,
+    open_upstream,
+)
 from proxyapp.usage import FIELDS as USAGE_FIELDS
 from proxyapp.usage import UsageMeter, request_fields
 
@@ -88,11 +95,11 @@ _monotonic = time.monotonic
 class Forwarder:
     """Everything fixed for the life of the worker: config, router, session, limits."""
 
-    def __init__(self, config: ProxyConfig, router: Router, session, metrics=None) -> None:
+    def __init__(self, config: ProxyConfig, router: Router, upstream: UpstreamClient, metrics=None) -> None:
         self.config = config
         self.metrics = metrics
         self.router = router
-        self.session = session
+        self.upstream = upstream
         self.timeout = (config.upstream_connect_timeout, config.upstream_read_timeout)
         self.total_timeout = config.upstream_total_timeout
         self.log_body_max = config.log_body_max_bytes
@@ -256,13 +263,14 @@ class Exchange:
         self._arm()
         try:
             response = open_upstream(
-                self.fw.session,
+                self.fw.upstream,
                 self.method,
                 url,
                 headers,
                 self.request_body if "Content-Length" in headers else None,
                 self.fw.timeout,
                 target,
+                upstream.origin,
             )
         except UpstreamError as err:
             self._disarm()

@@ -1,19 +1,32 @@
-"""The upstream side: one requests Session per worker, its adapter and pool, and the send call.
+"""The upstream side: one adapter per worker (pools per upstream host, one TLS context), and the
+send call.
 
-The Session is configured so that nothing of its own reaches the upstream or crosses tenants:
-no default headers, trust_env off (a ~/.netrc must not replace the Authorization we send), a
-cookie jar that keeps nothing, no redirects. Requests go through the session's adapter with
-``stream=True`` and ``decode_content=False``: bodies pass through byte for byte.
+No requests Session is involved: the request path calls the adapter's ``send`` directly (a
+Session's ``send`` would read and decode the body of a 3xx to prepare the next hop). So the
+guarantees a shared Session would need settings for hold by construction: nothing reads the
+environment (no ~/.netrc replaces our Authorization, no ``*_PROXY`` applies: the egress proxy is
+ours, ``UPSTREAM_PROXY``), no cookie jar exists, no redirect is followed (``ProxyAdapter`` builds
+the Response without extracting cookies; the adapter never follows a Location). Requests are sent
+with ``stream=True`` and ``decode_content=False``: bodies pass through byte for byte.
+
+TLS: one ``SSLContext`` per worker, built at start with the trust store loaded once
+(``UPSTREAM_CA_BUNDLE`` or certifi's bundle), handed to every pool. requests' adapter would
+otherwise put ``ca_certs`` on each pool, and urllib3 then re-reads the whole bundle for every new
+connection (~22 ms of CPU each with OpenSSL 3; urllib3 issue 3623, CPython issue 95031).
+Verification is always on: chain and host name.
 """
 
 from __future__ import annotations
 
 import http.client
+import os
+import re
 import select
+import ssl
 from collections.abc import Iterator
 from contextvars import ContextVar
-from http.cookiejar import DefaultCookiePolicy
 
+import certifi
 import requests
 import urllib3
 from gevent import monkey
@@ -23,8 +36,20 @@ from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import ProtocolError
 from urllib3.util import SKIP_HEADER
 from urllib3.util.retry import Retry
+from urllib3.util.ssl_ import create_urllib3_context
 
-__all__ = ["SKIP_HEADER", "UpstreamError", "body_chunks", "make_session", "open_upstream"]
+from common.envparse import ConfigError
+from common.jsonlog import mask_text
+from proxyapp.egress import EgressProxy
+
+__all__ = [
+    "SKIP_HEADER",
+    "UpstreamClient",
+    "UpstreamError",
+    "body_chunks",
+    "make_tls_context",
+    "open_upstream",
+]
 
 
 class UpstreamError(Exception):
@@ -36,14 +61,6 @@ class UpstreamError(Exception):
         self.code = code
         self.message = message
         self.detail = detail  # for the log; may carry the upstream host, never a key
-
-
-class _KeepNothing(DefaultCookiePolicy):
-    def set_ok(self, cookie, request) -> bool:
-        return False
-
-    def return_ok(self, cookie, request) -> bool:
-        return False
 
 
 _STALE_CONNECTION_ERRORS = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError)
@@ -114,13 +131,51 @@ class _HTTPSPool(_RawTargetMixin, HTTPSConnectionPool):
     ConnectionCls = _HTTPSConnection
 
 
+_HASHED_CERT = re.compile(r"[0-9a-f]{8}\.r?[0-9]+")
+
+
+def make_tls_context(ca_bundle: str = "", variable: str = "UPSTREAM_CA_BUNDLE") -> ssl.SSLContext:
+    """The worker's one client TLS context: TLS 1.2+, chain and host name verified, the trust store
+    (a PEM file or a directory of hashed certificates; default certifi's bundle) loaded once.
+    A bundle that cannot be used raises ConfigError naming ``variable``."""
+    context = create_urllib3_context(cert_reqs=ssl.CERT_REQUIRED)
+    context.check_hostname = True
+    where = ca_bundle or certifi.where()
+    try:
+        if os.path.isdir(where):
+            if not any(_HASHED_CERT.fullmatch(name) for name in os.listdir(where)):
+                raise ConfigError(variable, where, "no hashed certificates in the directory (openssl rehash)")
+            context.load_verify_locations(capath=where)
+        else:
+            context.load_verify_locations(cafile=where)
+    except (ssl.SSLError, OSError) as exc:
+        raise ConfigError(variable, where, f"cannot load CA certificates ({exc})") from None
+    return context
+
+
 class ProxyAdapter(HTTPAdapter):
-    """HTTPAdapter whose pools check idle connections cheaply, and whose Response skips what a
-    proxy never uses (cookie parsing, encoding guess)."""
+    """HTTPAdapter whose pools share one TLS context and check idle connections cheaply, and whose
+    Response skips what a proxy never uses (cookie parsing, encoding guess)."""
+
+    def __init__(self, tls_context: ssl.SSLContext, **kwargs) -> None:
+        self.tls_context = tls_context  # read by init_poolmanager, which HTTPAdapter calls
+        super().__init__(**kwargs)
 
     def init_poolmanager(self, connections, maxsize, block=False, **pool_kwargs) -> None:
-        super().init_poolmanager(connections, maxsize, block, **pool_kwargs)
-        self.poolmanager.pool_classes_by_scheme = {"http": _HTTPPool, "https": _HTTPSPool}
+        super().init_poolmanager(connections, maxsize, block, ssl_context=self.tls_context, **pool_kwargs)
+        self.poolmanager.pool_classes_by_scheme = _POOL_CLASSES
+
+    def proxy_manager_for(self, proxy: str, **proxy_kwargs):
+        if proxy not in self.proxy_manager:
+            manager = super().proxy_manager_for(proxy, ssl_context=self.tls_context, **proxy_kwargs)
+            manager.pool_classes_by_scheme = _POOL_CLASSES
+        return self.proxy_manager[proxy]
+
+    def cert_verify(self, conn, url, verify, cert) -> None:
+        # requests would set ca_certs on the pool here, and urllib3 would then load that bundle
+        # into the context again for every new connection. The pool's context already holds the
+        # trust store and verifies chain and host name; nothing to add per connection.
+        return None
 
     def build_response(self, req, resp) -> requests.Response:
         response = requests.Response()
@@ -133,60 +188,71 @@ class ProxyAdapter(HTTPAdapter):
         return response
 
 
-def make_session(pool_maxsize: int, pool_hosts: int = 64) -> requests.Session:
-    session = requests.Session()
-    session.trust_env = False
-    session.headers.clear()
-    session.cookies.set_policy(_KeepNothing())
-    session.max_redirects = 0
-    adapter = ProxyAdapter(
-        pool_connections=pool_hosts,
-        pool_maxsize=pool_maxsize,
-        pool_block=False,
-        max_retries=RetryStaleConnectionOnce(total=1, connect=0, read=1, status=0, redirect=0, other=0),
-    )
-    session.mount("http://", adapter)
-    session.mount("https://", adapter)
-    return session
+_POOL_CLASSES = {"http": _HTTPPool, "https": _HTTPSPool}
+
+
+class UpstreamClient:
+    """Every upstream connection of one worker: the adapter (a pool per upstream host), the TLS
+    context, and the egress proxy when one is configured."""
+
+    def __init__(
+        self,
+        pool_maxsize: int,
+        *,
+        tls_context: ssl.SSLContext | None = None,
+        egress: EgressProxy | None = None,
+        pool_hosts: int = 64,
+    ) -> None:
+        self.egress = egress
+        self.adapter = ProxyAdapter(
+            tls_context if tls_context is not None else make_tls_context(),
+            pool_connections=pool_hosts,
+            pool_maxsize=pool_maxsize,
+            pool_block=False,
+            max_retries=RetryStaleConnectionOnce(total=1, connect=0, read=1, status=0, redirect=0, other=0),
+        )
+
+    def close(self) -> None:
+        self.adapter.close()
 
 
 def open_upstream(
-    session: requests.Session,
+    client: UpstreamClient,
     method: str,
     url: str,
     headers: dict[str, str],
     body: bytes | None,
     timeout: tuple[float, float],
     target: str | None = None,
+    origin: str = "",
 ) -> requests.Response:
     """Send the request; return once the response headers are in. Raises UpstreamError.
 
-    ``target`` (path and query, as sent on the request line) is sent unchanged when given."""
+    ``target`` (path and query, as sent on the request line) is sent unchanged when given;
+    ``origin`` (scheme://host[:port] of ``url``) picks the egress proxy or its bypass."""
     prepared = requests.PreparedRequest()
     prepared.method = method
     prepared.url = url
     prepared.headers = headers
     prepared.body = body
     prepared.hooks = {"response": []}
+    egress = client.egress
+    proxies = egress.proxies_for(origin or url) if egress is not None else None
+    if proxies is not None and target is not None and origin.startswith("http:"):
+        target = origin + target  # a plain-HTTP request through a proxy names its origin
     reset = _RAW_TARGET.set(target)
     try:
-        # The session's adapter, not session.send: with allow_redirects=False, session.send still
-        # reads (and decodes) the body of a 3xx to prepare the next hop.
-        return session.get_adapter(url).send(prepared, stream=True, timeout=timeout)
+        response = client.adapter.send(prepared, stream=True, timeout=timeout, proxies=proxies)
     except requests.ReadTimeout:
         raise UpstreamError(504, "upstream_timeout", "The upstream did not answer in time.", "read timeout")
     except requests.ConnectTimeout:
+        if proxies is not None:
+            raise _proxy_error(egress, "connect timeout") from None
         raise UpstreamError(
             502, "upstream_unreachable", "Could not connect to the upstream.", "connect timeout"
         )
     except requests.ConnectionError as exc:
-        cause = _innermost(exc)
-        if isinstance(cause, http.client.HTTPException) and not isinstance(cause, ConnectionError):
-            # A malformed status line or headers: the upstream answered, but not in HTTP.
-            raise UpstreamError(
-                502, "upstream_bad_response", "The upstream sent an invalid response.", _describe(exc)
-            )
-        raise UpstreamError(502, "upstream_unreachable", "Could not reach the upstream.", _describe(exc))
+        raise _connection_failure(exc, egress if proxies is not None else None) from None
     except (
         requests.RequestException,
         urllib3.exceptions.HTTPError,
@@ -198,6 +264,49 @@ def open_upstream(
         )
     finally:
         _RAW_TARGET.reset(reset)
+    if proxies is not None and response.status_code == 407 and origin.startswith("http:"):
+        response.raw.close()  # the proxy's own answer to an absolute-form request, not the upstream's
+        raise _proxy_error(egress, "407 Proxy Authentication Required")
+    return response
+
+
+_TUNNEL_FAILED = re.compile(r"Tunnel connection failed: (.*)")
+
+
+def _connection_failure(exc: BaseException, egress: EgressProxy | None) -> UpstreamError:
+    """What a requests ConnectionError means for the client: TLS, proxy, bad answer or unreachable."""
+    cause = _innermost(exc)
+    if isinstance(cause, ssl.SSLCertVerificationError | ssl.CertificateError):
+        reason = getattr(cause, "verify_message", None) or str(cause)
+        return UpstreamError(
+            502,
+            "upstream_tls_error",
+            "The upstream's TLS certificate could not be verified.",
+            f"certificate verify failed: {reason}",
+        )
+    if isinstance(cause, ssl.SSLError):
+        return UpstreamError(
+            502, "upstream_tls_error", "The TLS handshake with the upstream failed.", _describe(exc)
+        )
+    if egress is not None and isinstance(exc, requests.exceptions.ProxyError):
+        tunnel = _TUNNEL_FAILED.search(str(cause))
+        return _proxy_error(egress, tunnel.group(1) if tunnel else _describe(exc))
+    if isinstance(cause, http.client.HTTPException) and not isinstance(cause, ConnectionError):
+        # A malformed status line or headers: the upstream answered, but not in HTTP.
+        return UpstreamError(
+            502, "upstream_bad_response", "The upstream sent an invalid response.", _describe(exc)
+        )
+    return UpstreamError(502, "upstream_unreachable", "Could not reach the upstream.", _describe(exc))
+
+
+def _proxy_error(egress: EgressProxy, detail: str) -> UpstreamError:
+    """The proxy, not the upstream, failed: unreachable, or it answered with a status (407...)."""
+    if detail[:1].isdigit():
+        message = f"The egress proxy {egress.safe_url} refused the connection to the upstream ({detail})."
+    else:
+        message = f"Could not connect to the egress proxy {egress.safe_url}."
+    detail = mask_text(f"egress proxy {egress.safe_url}: {detail}", (egress.password,))
+    return UpstreamError(502, "upstream_proxy_error", message, detail)
 
 
 def _innermost(exc: BaseException) -> BaseException:

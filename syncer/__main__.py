@@ -227,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         password=config.server_api_password,
         timeout=config.sync_timeout,
         secrets=config.secrets(),
+        ca_bundle=config.server_api_ca_bundle,
     )
     auth = "login" if config.login_mode else ("bearer" if config.server_api_token else "none")
     logger.info(

@@ -7,6 +7,7 @@ credentials and has every known secret masked.
 from __future__ import annotations
 
 import json
+import ssl
 import time
 from collections import deque
 from typing import Any
@@ -61,6 +62,7 @@ class BackendClient:
         password: str = "",
         timeout: float = 30.0,
         secrets: tuple[str, ...] = (),
+        ca_bundle: str = "",
     ) -> None:
         self.list_url = endpoint(base_url, LIST_PATH)
         self.login_url = endpoint(base_url, LOGIN_PATH)
@@ -75,6 +77,10 @@ class BackendClient:
         self._session = requests.Session()
         # No ~/.netrc (it would replace our bearer), no *_PROXY variables, no cookies kept.
         self._session.trust_env = False
+        # An HTTPS backend with a private CA: SERVER_API_CA_BUNDLE (a PEM file or a directory of
+        # hashed certificates) replaces certifi's bundle. One connection per sync: loading the
+        # bundle per connection costs nothing that matters here.
+        self._session.verify = ca_bundle or True
 
     def close(self) -> None:
         self._session.close()
@@ -175,6 +181,8 @@ class BackendClient:
             raise
         except (requests.Timeout, urllib3.exceptions.TimeoutError, TimeoutError):
             raise BackendError(f"{method} {where}: timed out after {self._timeout:g}s") from None
+        except requests.exceptions.SSLError as exc:
+            raise BackendError(f"{method} {where}: {_tls_failure(exc)}") from None
         except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
             if time.monotonic() >= deadline:
                 raise BackendError(f"{method} {where}: timed out after {self._timeout:g}s") from None
@@ -213,6 +221,25 @@ def _set_socket_timeout(response: requests.Response, seconds: float) -> None:
     sock = getattr(connection, "sock", None)
     if sock is not None:
         sock.settimeout(seconds)
+
+
+def _tls_failure(exc: BaseException) -> str:
+    """Why TLS to the backend failed, in words an operator can act on."""
+    current: BaseException | None = exc
+    for _ in range(10):
+        if current is None:
+            break
+        if isinstance(current, ssl.SSLCertVerificationError):
+            return (
+                f"the backend's TLS certificate could not be verified ({current.verify_message}); "
+                "for a private CA set SERVER_API_CA_BUNDLE"
+            )
+        reason = getattr(current, "reason", None)
+        nxt = reason if isinstance(reason, BaseException) else None
+        if nxt is None and current.args and isinstance(current.args[-1], BaseException):
+            nxt = current.args[-1]
+        current = nxt or current.__cause__ or current.__context__
+    return f"TLS handshake failed ({_root_cause(exc)})"
 
 
 def _root_cause(exc: BaseException) -> str:

@@ -28,6 +28,7 @@ class SyncerConfig:
     token_file: str
     log_level: str
     metrics_dir: str = ""
+    server_api_ca_bundle: str = ""  # "" = certifi's bundle
 
     @property
     def interval_seconds(self) -> float:
@@ -69,4 +70,5 @@ class SyncerConfig:
             token_file=os.path.abspath(token_file),
             log_level=env.choice("LOG_LEVEL", "info", _LOG_LEVELS),
             metrics_dir=metrics_dir(env, os.path.abspath(token_file)),
+            server_api_ca_bundle=env.path("SERVER_API_CA_BUNDLE"),
         )
