@@ -1,10 +1,14 @@
-"""Live-server fixtures: a fake upstream, and the proxy started as deployed (python wsgi.py)."""
+"""Live-server fixtures: fake upstreams (plain and HTTPS, with a private test CA), a fake egress
+proxy, and the proxy started as deployed (python wsgi.py)."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import ssl
 import sys
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -16,32 +20,118 @@ if str(REPO) not in sys.path:
 
 from tests.support.procs import PYTHON, Process, free_port, port_open, wait_for  # noqa: E402
 from tests.support.tables import CLIENT_TOKEN, UPSTREAM_KEY, row, write_table  # noqa: E402
+from tests.support.tls import LocalCA, ServerCert  # noqa: E402
 
 
 class FakeUpstream:
-    """The fake upstream process (tests/fakes/upstream.py) and its control API."""
+    """The fake upstream process (tests/fakes/upstream.py) and its control API.
+
+    Over TLS (``cert`` given) the control API is reached with ``verify=ca_file``; a fake serving a
+    deliberately bad certificate (``verify_control=False``) is controlled without verification.
+    """
+
+    def __init__(
+        self, process: Process, port: int, ca_file: Path | None = None, verify_control: bool = True
+    ) -> None:
+        self.process = process
+        self.port = port
+        self.tls = ca_file is not None or not verify_control
+        self.url = f"{'https' if self.tls else 'http'}://127.0.0.1:{port}"
+        self.verify: str | bool = str(ca_file) if ca_file is not None else True
+        self._insecure: ssl.SSLContext | None = None
+        if not verify_control:
+            self._insecure = ssl.create_default_context()
+            self._insecure.check_hostname = False
+            self._insecure.verify_mode = ssl.CERT_NONE
+
+    def _control(self, method: str, path: str):
+        if self._insecure is None:
+            response = requests.request(method, self.url + path, timeout=5, verify=self.verify)
+            response.raise_for_status()
+            return response.json()
+        request = urllib.request.Request(self.url + path, method=method)
+        with urllib.request.urlopen(request, timeout=5, context=self._insecure) as response:
+            return json.loads(response.read())
+
+    def requests(self) -> list[dict]:
+        return self._control("GET", "/_fake/requests")
+
+    def connections(self) -> list[dict]:
+        return self._control("GET", "/_fake/connections")
+
+    def tls_failures(self) -> list[dict]:
+        """Failed TLS handshakes seen by the fake: [{t, peer_port, error}]."""
+        return self._control("GET", "/_fake/tls_failures")
+
+    def clear(self) -> None:
+        self._control("DELETE", "/_fake/requests")
+
+    def requests_with_id(self, request_id: str) -> list[dict]:
+        """Recorded requests that carried this X-Request-ID."""
+        return [
+            rec
+            for rec in self.requests()
+            if any(n.lower() == "x-request-id" and v == request_id for n, v in rec["headers"])
+        ]
+
+    def connection(self, conn_id: int) -> dict | None:
+        return next((c for c in self.connections() if c["conn_id"] == conn_id), None)
+
+
+def start_fake_upstream(
+    log_dir: Path, cert: ServerCert | None = None, ca_file: Path | None = None, verify_control: bool = True
+) -> FakeUpstream:
+    """A fake upstream; with ``cert`` it serves HTTPS with that certificate."""
+    port = free_port()
+    command = [PYTHON, "-m", "tests.fakes.upstream", "--port", str(port)]
+    if cert is not None:
+        command += ["--tls-cert", str(cert.cert_file), "--tls-key", str(cert.key_file)]
+    process = Process(command, env={}, log_path=log_dir / f"upstream-{port}.log")
+    try:
+        wait_for(lambda: f"ready {port}" in process.output() or not process.alive(), timeout=15)
+    except AssertionError:
+        process.stop()
+        raise
+    assert process.alive(), process.output()
+    if cert is None:
+        return FakeUpstream(process, port)
+    return FakeUpstream(process, port, ca_file, verify_control)
+
+
+class FakeConnectProxy:
+    """The fake egress proxy (tests/fakes/connect_proxy.py) and its log."""
 
     def __init__(self, process: Process, port: int) -> None:
         self.process = process
         self.port = port
-        self.url = f"http://127.0.0.1:{port}"
+        self.address = f"127.0.0.1:{port}"
 
-    def requests(self) -> list[dict]:
-        return requests.get(self.url + "/_fake/requests", timeout=5).json()
+    def url(self, user: str | None = None, password: str | None = None) -> str:
+        """The UPSTREAM_PROXY value for this proxy, with these credentials."""
+        return f"http://{user}:{password}@{self.address}" if user is not None else f"http://{self.address}"
 
-    def connections(self) -> list[dict]:
-        return requests.get(self.url + "/_fake/connections", timeout=5).json()
+    def log(self) -> list[dict]:
+        return requests.get(f"http://{self.address}/_fake/log", timeout=5).json()
 
     def clear(self) -> None:
-        requests.delete(self.url + "/_fake/requests", timeout=5)
+        requests.delete(f"http://{self.address}/_fake/log", timeout=5).raise_for_status()
 
 
-def start_fake_upstream(log_dir: Path) -> FakeUpstream:
+def start_connect_proxy(
+    log_dir: Path, user: str | None = None, password: str | None = None
+) -> FakeConnectProxy:
     port = free_port()
-    command = [PYTHON, "-m", "tests.fakes.upstream", "--port", str(port)]
-    process = Process(command, env={}, log_path=log_dir / f"upstream-{port}.log")
-    wait_for(lambda: port_open(port), timeout=15, what="fake upstream port")
-    return FakeUpstream(process, port)
+    command = [PYTHON, "-m", "tests.fakes.connect_proxy", "--port", str(port)]
+    if user is not None:
+        command += ["--user", user, "--password", password or ""]
+    process = Process(command, env={}, log_path=log_dir / f"connect-proxy-{port}.log")
+    try:
+        wait_for(lambda: f"ready {port}" in process.output() or not process.alive(), timeout=15)
+    except AssertionError:
+        process.stop()
+        raise
+    assert process.alive(), process.output()
+    return FakeConnectProxy(process, port)
 
 
 @pytest.fixture(scope="session")
@@ -49,6 +139,37 @@ def upstream(tmp_path_factory) -> FakeUpstream:
     fake = start_fake_upstream(tmp_path_factory.mktemp("upstream"))
     yield fake
     fake.process.stop()
+
+
+@pytest.fixture(scope="session")
+def tls_ca(tmp_path_factory) -> LocalCA:
+    """A private CA made for this session (trustme); ``tls_ca.ca_file`` is ca.pem."""
+    return LocalCA(tmp_path_factory.mktemp("tls-ca"))
+
+
+@pytest.fixture(scope="session")
+def https_upstream_factory(tmp_path_factory, tls_ca):
+    """Start extra HTTPS fake upstreams: ``factory(cert, verify_control=True)``; stopped at session end.
+
+    ``verify_control=False`` for a fake whose certificate is bad on purpose (its control API is
+    then reached without verification)."""
+    started: list[FakeUpstream] = []
+    log_dir = tmp_path_factory.mktemp("https-upstreams")
+
+    def factory(cert: ServerCert, verify_control: bool = True) -> FakeUpstream:
+        fake = start_fake_upstream(log_dir, cert, tls_ca.ca_file, verify_control)
+        started.append(fake)
+        return fake
+
+    yield factory
+    for fake in started:
+        fake.process.stop()
+
+
+@pytest.fixture(scope="session")
+def https_upstream(https_upstream_factory, tls_ca) -> FakeUpstream:
+    """A fake upstream over HTTPS with a certificate for 127.0.0.1 and localhost from ``tls_ca``."""
+    return https_upstream_factory(tls_ca.server_cert(name="https-upstream"))
 
 
 class Proxy:

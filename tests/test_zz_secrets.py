@@ -2,7 +2,9 @@
 
 First, traffic carrying the canaries (tests.support.tables) in headers, bodies, query strings and
 paths goes through proxies whose tables use those keys, forced errors included (unreachable
-upstream, upstream 401, our own 401/405/400, legacy override). No response may carry a canary
+upstream, upstream 401, our own 401/405/400, legacy override), and through an egress proxy
+(UPSTREAM_PROXY with the PROXY_PASSWORD canary: tunnels and absolute-form requests that work, a
+proxy that cannot be reached, a proxy that answers 407). No response may carry a canary
 (the fake upstream never echoes here). Then every log file any process of this pytest session
 wrote (tests.support.procs.LOG_FILES) is read whole: not one canary may appear in it. The fakes'
 own logs are not proxy logs and are left out.
@@ -19,12 +21,14 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.conftest import start_proxy
+from tests.conftest import start_connect_proxy, start_proxy
 from tests.support.procs import LOG_FILES, free_port
 from tests.support.tables import (
     CLIENT_TOKEN,
     OTHER_CLIENT_TOKEN,
     OTHER_UPSTREAM_KEY,
+    PROXY_PASSWORD,
+    PROXY_USER,
     SECRETS,
     UPSTREAM_KEY,
     register_secret,
@@ -312,8 +316,39 @@ def dead_legacy_traffic(rec: Recorder, proxy, name: str) -> None:
     )
 
 
+def egress_traffic(rec: Recorder, proxy, name: str, expect: int) -> None:
+    """CLIENT_TOKEN routes to an https upstream (CONNECT), OTHER_CLIENT_TOKEN to an http one."""
+    url = proxy.url
+    body = {"model": "m", "messages": [{"role": "user", "content": f"{CLIENT_TOKEN} {UPSTREAM_KEY}"}]}
+    auth = {"Authorization": f"Bearer {CLIENT_TOKEN}"}
+    rec.send(
+        f"{name}: https upstream, json",
+        "POST",
+        f"{url}/chat/completions?api_key={CLIENT_TOKEN}",
+        expect,
+        headers={**auth, "X-Fake": "json;size=200"},
+        json=body,
+    )
+    rec.send(
+        f"{name}: https upstream, sse",
+        "POST",
+        f"{url}/chat/completions",
+        expect,
+        headers={**auth, "X-Fake": "sse;events=3;interval=0.01"},
+        json={**body, "stream": True},
+    )
+    rec.send(
+        f"{name}: http upstream (absolute-form), json",
+        "POST",
+        f"{url}/embeddings?k={OTHER_UPSTREAM_KEY}",
+        expect,
+        headers={"x-api-key": OTHER_CLIENT_TOKEN, "X-Fake": "json;size=200"},
+        json={"model": "m", "input": OTHER_CLIENT_TOKEN},
+    )
+
+
 @pytest.fixture(scope="module")
-def traffic(tmp_path_factory, upstream) -> Recorder:
+def traffic(tmp_path_factory, upstream, https_upstream, tls_ca) -> Recorder:
     now = int(time.time())
     rows = {
         CLIENT_TOKEN: row(upstream.url + "/v1", UPSTREAM_KEY, token_id=1),
@@ -322,6 +357,7 @@ def traffic(tmp_path_factory, upstream) -> Recorder:
         EXPIRED_CLIENT_TOKEN: row(upstream.url + "/v1", UPSTREAM_KEY, token_id=4, token_expire_at=now - 60),
     }
     proxies = []
+    fakes = []
     rec = Recorder()
     try:
         for level in ("info", "debug"):
@@ -355,9 +391,38 @@ def traffic(tmp_path_factory, upstream) -> Recorder:
         )
         proxies.append(dead)
         dead_legacy_traffic(rec, dead, "legacy-dead")
+
+        egress_rows = {
+            CLIENT_TOKEN: row(https_upstream.url + "/v1", UPSTREAM_KEY, token_id=1),
+            OTHER_CLIENT_TOKEN: row(upstream.url + "/v2", OTHER_UPSTREAM_KEY, token_id=2),
+        }
+        tmp = tmp_path_factory.mktemp("secrets-egress")
+        egress = start_connect_proxy(tmp, PROXY_USER, PROXY_PASSWORD)
+        fakes.append(egress)
+        # This one wants another password: PROXY_PASSWORD gets 407.
+        strict = start_connect_proxy(tmp, PROXY_USER, "another-password-" + uuid.uuid4().hex[:8])
+        fakes.append(strict)
+        cases = [
+            ("egress", egress.url(PROXY_USER, PROXY_PASSWORD), 200),
+            ("egress-refused", f"http://{PROXY_USER}:{PROXY_PASSWORD}@127.0.0.1:{free_port()}", 502),
+            ("egress-407", strict.url(PROXY_USER, PROXY_PASSWORD), 502),
+        ]
+        for name, proxy_url, expect in cases:
+            tmp = tmp_path_factory.mktemp(f"secrets-{name}")
+            write_table(tmp / "tokens.json", egress_rows)
+            env = {"UPSTREAM_PROXY": proxy_url, "UPSTREAM_CA_BUNDLE": str(tls_ca.ca_file)}
+            proxy = start_proxy(tmp, {"LOG_LEVEL": "debug", **env})
+            proxies.append(proxy)
+            egress_traffic(rec, proxy, name, expect)
+        # The traffic really went through the proxies (tunnels and absolute-form), and was refused
+        # by the strict one.
+        assert {(e["method"], e["authorized"]) for e in egress.log()} == {("CONNECT", True), ("POST", True)}
+        assert {(e["method"], e["authorized"]) for e in strict.log()} == {("CONNECT", False), ("POST", False)}
     finally:
         for proxy in proxies:
             proxy.stop()
+        for fake in fakes:
+            fake.process.stop()
     rec.proxy_logs = [p.process.log_path for p in proxies]
     return rec
 

@@ -1,7 +1,10 @@
 """A fake backend admin API for tests: a real HTTP server on 127.0.0.1, standard library only.
 
-Run it as ``python -m tests.fakes.backend --port N [--host 127.0.0.1]``; it prints nothing, so wait
-for the port to accept connections (tests.support.procs.port_open). All state is in memory.
+Run it as ``python -m tests.fakes.backend --port N [--host 127.0.0.1] [--tls-cert PEM --tls-key PEM]``;
+it prints nothing, so wait for the port to accept connections (tests.support.procs.port_open). All
+state is in memory. With ``--tls-cert`` (certificate chain, PEM) and ``--tls-key`` (its key; may be
+omitted when the key is in the chain file) it serves HTTPS only, the control API included; the TLS
+handshake runs in the request's thread, and failed handshakes are listed by ``/_fake/tls_failures``.
 
 Backend API (what the syncer calls)
 -----------------------------------
@@ -47,6 +50,8 @@ Control API (same port, JSON in and out)
                        every backend call (not control calls), oldest first; time is the epoch
                        second the request arrived, status 0 for a hung request
 ``DELETE /_fake/calls`` clear the call list
+``GET /_fake/tls_failures`` ``[{"time", "error"}]`` of failed TLS handshakes (peers that sent
+                       nothing, like port probes, are not listed); cleared by reset
 
 ``FakeBackendControl(port)`` below wraps the control API for tests.
 """
@@ -58,6 +63,9 @@ import base64
 import gzip
 import hashlib
 import json
+import select
+import socket
+import ssl
 import threading
 import time
 import urllib.request
@@ -123,6 +131,7 @@ class State:
         self.lock = threading.Lock()
         self.changed = threading.Event()  # set on every change: releases hung requests
         self.calls: list[dict[str, Any]] = []
+        self.tls_failures: list[dict[str, Any]] = []
         self.jwts: dict[str, int] = {}  # JWT -> list calls it may still make (-1 = unlimited)
         self.body_cache: dict[str, bytes] = {}
         self.serial = 0  # names each rows value for the body cache
@@ -135,6 +144,7 @@ class State:
         self._generate_spec: dict[str, Any] = {}
         self.body_cache.clear()
         self.calls.clear()
+        self.tls_failures.clear()
         self.jwts.clear()
         self._bump()
 
@@ -290,6 +300,11 @@ class Handler(BaseHTTPRequestHandler):
                 calls = list(state.calls)
             self._send_json(200, calls)
             return
+        elif path == "/_fake/tls_failures" and self.command == "GET":
+            with state.lock:
+                failures = list(state.tls_failures)
+            self._send_json(200, failures)
+            return
         elif path == "/_fake/calls" and self.command == "DELETE":
             with state.lock:
                 state.calls.clear()
@@ -401,16 +416,60 @@ class FakeBackendServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, address: tuple[str, int]) -> None:
+    def __init__(self, address: tuple[str, int], context: ssl.SSLContext | None = None) -> None:
         self.state = State()
+        self.context = context
         super().__init__(address, Handler)
+
+    def finish_request(self, request, client_address) -> None:
+        """In the request's thread: the TLS handshake first (when serving HTTPS), then the handler."""
+        if self.context is None:
+            super().finish_request(request, client_address)
+            return
+        tls_sock = self._handshake(request)
+        if tls_sock is None:
+            return
+        try:
+            super().finish_request(tls_sock, client_address)
+        finally:
+            try:
+                tls_sock.setblocking(False)
+                tls_sock.unwrap()  # close_notify, without waiting for the client's
+            except (OSError, ValueError):
+                pass
+            tls_sock.close()
+
+    def _handshake(self, sock: socket.socket) -> ssl.SSLSocket | None:
+        """The server side of the handshake; None for a port probe or a failed handshake (recorded)."""
+        poller = select.poll()  # not select(): descriptors may exceed FD_SETSIZE
+        poller.register(sock, select.POLLIN)
+        if not poller.poll(10_000):
+            return None
+        try:
+            if not sock.recv(1, socket.MSG_PEEK):
+                return None  # a port probe: nothing to record
+        except OSError:
+            return None
+        tls_sock = self.context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        try:
+            tls_sock.settimeout(10)
+            tls_sock.do_handshake()
+            tls_sock.settimeout(None)
+            return tls_sock
+        except (OSError, ValueError) as exc:
+            with self.state.lock:
+                self.state.tls_failures.append({"time": time.time(), "error": str(exc)})
+            tls_sock.close()
+            return None
 
 
 class FakeBackendControl:
     """The control API from a test: ``FakeBackendControl(port).set(mode="http500")``."""
 
-    def __init__(self, port: int, host: str = "127.0.0.1") -> None:
-        self.base = f"http://{host}:{port}"
+    def __init__(self, port: int, host: str = "127.0.0.1", ca_file: str | None = None) -> None:
+        """``ca_file``: the backend serves HTTPS with a certificate signed by this CA."""
+        self.base = f"{'https' if ca_file else 'http'}://{host}:{port}"
+        self._context = ssl.create_default_context(cafile=ca_file) if ca_file else None
 
     @property
     def url(self) -> str:
@@ -421,7 +480,7 @@ class FakeBackendControl:
         data = None if body is None else json.dumps(body).encode()
         request = urllib.request.Request(self.base + path, data=data, method=method)
         request.add_header("Content-Type", "application/json")
-        with urllib.request.urlopen(request, timeout=30) as response:
+        with urllib.request.urlopen(request, timeout=30, context=self._context) as response:
             return json.loads(response.read())
 
     def set(self, **state: Any) -> dict[str, Any]:
@@ -441,13 +500,24 @@ class FakeBackendControl:
     def clear_calls(self) -> None:
         self._call("DELETE", "/_fake/calls")
 
+    def tls_failures(self) -> list[dict[str, Any]]:
+        return self._call("GET", "/_fake/tls_failures")
+
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="fake backend admin API for tests")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--tls-cert", help="serve HTTPS with this certificate chain (PEM)")
+    parser.add_argument("--tls-key", help="private key of --tls-cert (PEM; default: in the chain file)")
     args = parser.parse_args(argv)
-    server = FakeBackendServer((args.host, args.port))
+    if args.tls_key and not args.tls_cert:
+        parser.error("--tls-key needs --tls-cert")
+    context = None
+    if args.tls_cert:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(args.tls_cert, args.tls_key)
+    server = FakeBackendServer((args.host, args.port), context)
     try:
         server.serve_forever(poll_interval=0.1)
     except KeyboardInterrupt:

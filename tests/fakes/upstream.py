@@ -1,7 +1,11 @@
 """Fake OpenAI-compatible upstream: a real HTTP/1.1 server with byte-exact control of the wire.
 
-Run: ``python -m tests.fakes.upstream --port N [--host 127.0.0.1]`` (``--port 0`` picks a free port).
-Prints ``ready <port>`` once listening. Stdlib only: raw sockets, one thread per connection, keep-alive.
+Run: ``python -m tests.fakes.upstream --port N [--host 127.0.0.1] [--tls-cert PEM --tls-key PEM]``
+(``--port 0`` picks a free port). Prints ``ready <port>`` once listening. Stdlib only: raw sockets, one
+thread per connection, keep-alive. With ``--tls-cert`` (certificate chain, PEM) and ``--tls-key``
+(its private key, PEM; may be omitted when the key is in the chain file) it serves HTTPS only: every
+accepted connection is a TLS server socket (handshake in the connection's thread), the control API
+included; everything below works the same over TLS.
 
 Behaviour is chosen per request by the ``X-Fake`` request header: ``X-Fake: mode;key=value;flag``.
 Modes are ``json``, ``sse`` and ``echo``; without one, a JSON body with ``"stream": true`` gets ``sse``,
@@ -46,12 +50,18 @@ Control API on the same port (never recorded, never counted):
                           connections stay, with their request count reset to 0
   GET /_fake/connections  JSON list of connection records: {conn_id, opened, closed,
                           closed_by: "client"|"server"|null, peer_gone_during_response, requests,
-                          peer_port}. Connections that never sent a byte (port probes) and those
-                          that only made control requests are not listed.
+                          peer_port, tls: bool}. Connections that never sent a byte (port probes) and
+                          those that only made control requests are not listed.
+  GET /_fake/tls_failures JSON list of failed TLS handshakes, oldest first: {t, peer_port, error}
+                          (error: the server side's OpenSSL message, e.g. the client's alert
+                          "tlsv1 alert unknown ca"). Probes that send no byte are not listed.
+                          DELETE /_fake/requests clears it too.
 
 While a response is waiting (first_delay, stall, interval, trickle) the socket is polled, so a client
 that closes is noticed within a few milliseconds: the response stops, the connection is recorded as
-closed_by "client" with peer_gone_during_response true.
+closed_by "client" with peer_gone_during_response true. Over TLS the raw descriptor is polled and
+bytes already decrypted into the TLS buffer (``SSLSocket.pending()``) count as readable (an
+SSLSocket cannot ``recv(MSG_PEEK)``/``MSG_DONTWAIT``: input is taken with a non-blocking read).
 """
 
 from __future__ import annotations
@@ -64,6 +74,7 @@ import os
 import select
 import signal
 import socket
+import ssl
 import struct
 import sys
 import threading
@@ -80,6 +91,7 @@ MODES = ("json", "sse", "echo")
 USAGE = {"prompt_tokens": 11, "completion_tokens": 22, "total_tokens": 33}
 FILLER = "lorem ipsum dolor sit amet "
 ERROR_BODY = b'{"error": {"message": "fake error", "type": "fake"}}'
+HANDSHAKE_TIMEOUT = 10.0
 TOKEN_CHARS = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
 GONE_ERRNOS = {errno.EPIPE, errno.ECONNRESET, errno.ECONNABORTED, errno.ETIMEDOUT, errno.ENOTCONN}
 POLL_DEAD = select.POLLERR | select.POLLHUP | select.POLLNVAL
@@ -98,9 +110,10 @@ class ConnectionDone(Exception):
 
 
 class ConnRecord:
-    def __init__(self, conn_id: int, peer_port: int):
+    def __init__(self, conn_id: int, peer_port: int, tls: bool = False):
         self.conn_id = conn_id
         self.peer_port = peer_port
+        self.tls = tls
         self.opened = time.time()
         self.closed: float | None = None
         self.closed_by: str | None = None
@@ -121,6 +134,7 @@ class ConnRecord:
             "peer_gone_during_response": self.peer_gone,
             "requests": self.requests,
             "peer_port": self.peer_port,
+            "tls": self.tls,
         }
 
 
@@ -129,6 +143,7 @@ class State:
         self.lock = threading.Lock()
         self.requests: list[dict] = []
         self.conns: dict[int, ConnRecord] = {}
+        self.tls_failures: list[dict] = []
         self.next_request = 1
         self.next_conn = 1
 
@@ -326,6 +341,7 @@ class SseEncoder:
 class Connection:
     def __init__(self, sock: socket.socket, addr):
         self.sock = sock
+        self.tls = isinstance(sock, ssl.SSLSocket)
         self.rbuf = bytearray()
         self.poller = select.poll()
         self.poller.register(sock, select.POLLIN)
@@ -335,7 +351,7 @@ class Connection:
         with STATE.lock:
             conn_id = STATE.next_conn
             STATE.next_conn += 1
-            self.rec = ConnRecord(conn_id, addr[1] if isinstance(addr, tuple) else 0)
+            self.rec = ConnRecord(conn_id, addr[1] if isinstance(addr, tuple) else 0, self.tls)
             STATE.conns[conn_id] = self.rec
 
     # ---- bookkeeping -------------------------------------------------------------------------
@@ -353,6 +369,8 @@ class Connection:
         if self.sock_closed:
             return
         self.sock_closed = True
+        if self.tls:
+            self._send_close_notify()
         try:
             self.sock.shutdown(socket.SHUT_WR)
             self.sock.setblocking(False)
@@ -362,6 +380,14 @@ class Connection:
         except OSError:
             pass
         self.sock.close()
+
+    def _send_close_notify(self) -> None:
+        """TLS: send close_notify without waiting for the peer's (the second SSL_shutdown would)."""
+        try:
+            self.sock.setblocking(False)
+            self.sock.unwrap()
+        except (OSError, ValueError):
+            pass
 
     def abort(self) -> None:
         """Close with a TCP RST; mark closed by the server."""
@@ -434,7 +460,7 @@ class Connection:
             if len(self.rbuf) > MAX_HEAD:
                 raise BadRequest("header block too large")
             idle = self.idle_close
-            if not self.rbuf and idle is not None and not self.poller.poll(int(idle * 1000) + 1):
+            if not self.rbuf and idle is not None and not self._poll(int(idle * 1000) + 1):
                 self.close_clean()
                 raise ConnectionDone()
             self._recv_some()
@@ -474,11 +500,26 @@ class Connection:
 
     # ---- waiting and writing -----------------------------------------------------------------
 
+    def _poll(self, timeout_ms: int) -> list[tuple[int, int]]:
+        """poll() on the socket; over TLS, decrypted bytes waiting in the TLS buffer count as POLLIN."""
+        if self.tls and self.sock.pending():
+            return [(self.sock.fileno(), select.POLLIN)]
+        return self.poller.poll(timeout_ms)
+
     def _take_input(self) -> None:
         """Called when the socket polls readable during a response: buffer data or detect EOF/RST."""
         try:
-            data = self.sock.recv(RECV_SIZE, socket.MSG_DONTWAIT)
-        except (BlockingIOError, InterruptedError):
+            if self.tls:
+                # No MSG_DONTWAIT on an SSLSocket: a non-blocking read instead. A record that
+                # carries no application data (or only part of one) raises SSLWantReadError.
+                self.sock.setblocking(False)
+                try:
+                    data = self.sock.recv(RECV_SIZE)
+                finally:
+                    self.sock.setblocking(True)
+            else:
+                data = self.sock.recv(RECV_SIZE, socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
             return
         except OSError as exc:
             raise ClientGone(str(exc))
@@ -492,7 +533,7 @@ class Connection:
         while True:
             remaining = deadline - time.monotonic()
             timeout = int(remaining * 1000) + 1 if remaining > 0 else 0
-            for _fd, event in self.poller.poll(timeout):
+            for _fd, event in self._poll(timeout):
                 if event & select.POLLIN:
                     self._take_input()
                 if event & POLL_DEAD:
@@ -582,6 +623,7 @@ class Connection:
             elif path == "/_fake/requests" and req.method == "DELETE":
                 count = len(STATE.requests)
                 STATE.requests.clear()
+                STATE.tls_failures.clear()
                 for conn_id, rec in list(STATE.conns.items()):
                     if rec.closed is not None:
                         del STATE.conns[conn_id]
@@ -590,6 +632,8 @@ class Connection:
                 body = json.dumps({"cleared": count}).encode()
             elif path == "/_fake/connections" and req.method == "GET":
                 body = json.dumps([r.to_json() for r in STATE.conns.values() if r.visible()]).encode()
+            elif path == "/_fake/tls_failures" and req.method == "GET":
+                body = json.dumps(STATE.tls_failures).encode()
             else:
                 status, body = 404, b'{"error": "unknown control endpoint"}'
         close = req.wants_close
@@ -819,7 +863,45 @@ class Connection:
         return self._finish(close)
 
 
-def serve(host: str, port: int) -> None:
+def tls_handshake(sock: socket.socket, addr, context: ssl.SSLContext) -> ssl.SSLSocket | None:
+    """Server side of the TLS handshake, in the connection's thread. None when it failed (recorded
+    unless the peer sent nothing at all, like a port probe)."""
+    peer_port = addr[1] if isinstance(addr, tuple) else 0
+    try:
+        poller = select.poll()  # not select(): descriptors may exceed FD_SETSIZE under load
+        poller.register(sock, select.POLLIN)
+        if not poller.poll(int(HANDSHAKE_TIMEOUT * 1000)) or not sock.recv(1, socket.MSG_PEEK):
+            sock.close()  # a port probe (or a silent peer): nothing to record
+            return None
+    except OSError:
+        sock.close()
+        return None
+    tls_sock = context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)  # detaches sock
+    try:
+        tls_sock.settimeout(HANDSHAKE_TIMEOUT)
+        tls_sock.do_handshake()
+        tls_sock.settimeout(None)
+        return tls_sock
+    except (OSError, ValueError) as exc:
+        with STATE.lock:
+            STATE.tls_failures.append({"t": time.time(), "peer_port": peer_port, "error": str(exc)})
+        tls_sock.close()
+        return None
+
+
+def run_connection(sock: socket.socket, addr, context: ssl.SSLContext) -> None:
+    tls_sock = tls_handshake(sock, addr, context)
+    if tls_sock is not None:
+        Connection(tls_sock, addr).run()
+
+
+def server_context(cert_file: str, key_file: str | None) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert_file, key_file)
+    return context
+
+
+def serve(host: str, port: int, context: ssl.SSLContext | None = None) -> None:
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     listener.bind((host, port))
@@ -849,20 +931,28 @@ def serve(host: str, port: int) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:
             pass
-        conn = Connection(sock, addr)
-        threading.Thread(target=conn.run, name=f"conn-{conn.rec.conn_id}", daemon=True).start()
+        if context is None:
+            conn = Connection(sock, addr)
+            threading.Thread(target=conn.run, name=f"conn-{conn.rec.conn_id}", daemon=True).start()
+        else:  # the handshake runs in the connection's thread: a slow client must not stall accept()
+            threading.Thread(target=run_connection, args=(sock, addr, context), daemon=True).start()
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Fake OpenAI-compatible upstream for tests")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--tls-cert", help="serve HTTPS with this certificate chain (PEM)")
+    parser.add_argument("--tls-key", help="private key of --tls-cert (PEM; default: in the chain file)")
     args = parser.parse_args(argv)
     if args.host == "localhost":
         args.host = "127.0.0.1"
     if not args.host.startswith("127."):
         parser.error("the fake upstream binds loopback (127.x.x.x) only")
-    serve(args.host, args.port)
+    if args.tls_key and not args.tls_cert:
+        parser.error("--tls-key needs --tls-cert")
+    context = server_context(args.tls_cert, args.tls_key) if args.tls_cert else None
+    serve(args.host, args.port, context)
 
 
 if __name__ == "__main__":

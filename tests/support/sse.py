@@ -7,6 +7,7 @@ import json
 import re
 import socket
 import threading
+import time
 import uuid
 
 from tests.support.tables import CLIENT_TOKEN
@@ -30,6 +31,7 @@ class StreamReader(threading.Thread):
             f"Content-Length: {len(BODY)}\r\n\r\n"
         ).encode() + BODY
         self.events: list[str] = []
+        self.arrived: list[float] = []  # time.time() at which each event of self.events was read
         self.status = 0
         self.clean_end = False
         self.error: BaseException | None = None
@@ -85,9 +87,18 @@ class StreamReader(threading.Thread):
                     block, sse = sse[: match.start()], sse[match.end() :]
                     if block.startswith(b"data: "):
                         self.events.append(block[6:].decode())
+                        self.arrived.append(time.time())
                         self.first_event.set()
         finally:
             sock.close()
+
+    def delays(self) -> list[float]:
+        """Seconds from each chunk event's ``t_sent`` (the fake upstream's clock) to its arrival here."""
+        return [
+            arrived - json.loads(event)["t_sent"]
+            for arrived, event in zip(self.arrived, self.events, strict=True)
+            if event != "[DONE]" and "t_sent" in event
+        ]
 
     def indexes(self) -> list[int]:
         return [json.loads(e)["i"] for e in self.events if e != "[DONE]"]

@@ -9,7 +9,11 @@ CLIENT_TOKEN = "sk-client-canary-7f3a9c1e5b2d4f60a8e1"
 OTHER_CLIENT_TOKEN = "sk-client-canary-other-22b4c6d8e0f1a3b5"
 UPSTREAM_KEY = "sk-upstream-canary-1d2c3b4a5f6e7d8c9b0a"
 OTHER_UPSTREAM_KEY = "zp-upstream-canary.4e5f6a7b8c9d0e1f"  # not key-shaped: masked only by exact match
-SECRETS = [CLIENT_TOKEN, OTHER_CLIENT_TOKEN, UPSTREAM_KEY, OTHER_UPSTREAM_KEY]
+# The egress proxy's credentials (UPSTREAM_PROXY=http://PROXY_USER:PROXY_PASSWORD@...): the password
+# is a canary too, and not key-shaped, so only knowing it can mask it.
+PROXY_USER = "egress-user"
+PROXY_PASSWORD = "egress-pw-canary.9c4e1a7b3d5f"
+SECRETS = [CLIENT_TOKEN, OTHER_CLIENT_TOKEN, UPSTREAM_KEY, OTHER_UPSTREAM_KEY, PROXY_PASSWORD]
 
 
 def register_secret(value: str) -> str:
