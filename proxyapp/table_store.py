@@ -229,7 +229,6 @@ class TableStore:
             except Exception:  # the watcher must outlive any fault; a dead watcher never reloads
                 log.exception("token table watcher error", extra={"event": "table_watch_error"})
 
-
     def _settle(self, quiet: float = 0.05, longest: float = 1.0) -> None:
         # A file written in place (an operator's editor, a plain copy) fires several events: the
         # truncation, then each write. Wait until it has been quiet for a moment, so one edit is
