@@ -134,6 +134,19 @@ def test_rejected_table_versions_are_counted(proxy):
     assert total(scrape(proxy.url), "table_tokens") == 1  # the last good table is still served
 
 
+def test_only_event_streams_carry_x_accel_buffering_no(proxy):
+    stream = _post(proxy.url, CLIENT_TOKEN, "sse;events=2;interval=0.01", {"stream": True})
+    assert stream.status_code == 200
+    assert stream.headers["Content-Type"].startswith("text/event-stream")
+    assert stream.headers["X-Accel-Buffering"] == "no"
+    # An upstream's own value is replaced, not sent alongside ours.
+    told = _post(proxy.url, CLIENT_TOKEN, "sse;events=2;interval=0.01;header=X-Accel-Buffering:yes")
+    assert told.headers["X-Accel-Buffering"] == "no"
+    answer = _post(proxy.url, CLIENT_TOKEN, "json")
+    assert answer.status_code == 200 and answer.headers["Content-Type"].startswith("application/json")
+    assert "X-Accel-Buffering" not in answer.headers
+
+
 def test_syncer_status_appears_in_the_metrics(proxy_factory, default_rows, tmp_path):
     metrics_dir = tmp_path / "m"
     metrics_dir.mkdir()
