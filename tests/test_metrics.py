@@ -4,6 +4,7 @@ multiprocess mode), matching the traffic sent, whichever worker answers."""
 import json
 import os
 import signal
+import socket
 import time
 
 import requests
@@ -11,7 +12,7 @@ import requests
 from tests.support.metrics import scrape, total
 from tests.support.procs import PYTHON, REPO, Process, free_port, wait_for
 from tests.support.sse import StreamReader
-from tests.support.tables import CLIENT_TOKEN, write_table
+from tests.support.tables import CLIENT_TOKEN, UPSTREAM_KEY, register_secret, row, write_table
 
 
 def _post(url: str, token: str, fake: str, body=None) -> requests.Response:
@@ -123,6 +124,34 @@ def test_in_flight_gauges_follow_a_stream(proxy):
     assert total(after, "in_flight_requests") == 0
 
 
+def test_upstream_errors_and_clients_gone_are_counted(proxy_factory, upstream):
+    closed = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    other = register_secret("sk-client-canary-unreachable-0000000001")
+    rows = {
+        CLIENT_TOKEN: row(upstream.url + "/v1", UPSTREAM_KEY, token_id=7, ai_model_name="FakeModel"),
+        other: row(closed, UPSTREAM_KEY, token_id=8, ai_model_name="Down"),
+    }
+    proxy = proxy_factory(rows=rows)
+    assert _post(proxy.url, other, "json").status_code == 502
+    # A client that leaves a stream after its first bytes.
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+        sock.sendall(
+            f"POST /chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {CLIENT_TOKEN}\r\n"
+            "X-Fake: sse;events=50;interval=0.1\r\nContent-Length: 2\r\n\r\n{}".encode()
+        )
+        assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+    wait_for(lambda: total(scrape(proxy.url), "client_gone_total") == 1, timeout=10, what="client gone")
+    samples = scrape(proxy.url)
+    assert total(samples, "upstream_errors_total", kind="unreachable") == 1
+    assert total(samples, "upstream_errors_total") == 1
+    assert (
+        total(samples, "requests_total", model="Down", status_class="5xx", end_reason="upstream_error") == 1
+    )
+    assert total(samples, "client_gone_total", model="FakeModel") == 1
+    assert total(samples, "requests_total", model="FakeModel", end_reason="client_gone") == 1
+    assert total(samples, "in_flight_streams") == 0
+
+
 def test_rejected_table_versions_are_counted(proxy):
     assert total(scrape(proxy.url), "table_reload_failures_total") == 0
     bad = proxy.token_file.with_name("bad.json")
@@ -165,7 +194,6 @@ def test_syncer_status_appears_in_the_metrics(proxy_factory, default_rows, tmp_p
 def test_the_running_syncer_reports_through_the_workers_metrics(tmp_path, upstream, proxy_factory):
     from tests.fakes.backend import FakeBackendControl
     from tests.support.procs import port_open
-    from tests.support.tables import UPSTREAM_KEY
 
     backend_port = free_port()
     backend = Process(
