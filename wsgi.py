@@ -41,7 +41,7 @@ def build():
                 extra={"event": "table_not_loaded", "path": store.path},
             )
         store.start_watching()
-    app.extensions["proxy.metrics"].start_writer()
+    app.extensions["proxy.metrics"].start_refresher()
     return config, app
 
 
@@ -96,8 +96,8 @@ def main() -> int:
     )
     server.drain()
     drained = server.wait_drained(config.graceful_timeout)
-    try:  # the last second of counters, so the deployment's totals lose nothing across restarts
-        app.extensions["proxy.metrics"].write_snapshot()
+    try:  # its counters stay in the deployment's sums; its live gauges (workers, in flight) go
+        app.extensions["proxy.metrics"].close()
     except OSError:
         pass
     log.info("stopped", extra={"event": "stopped", "drained": drained})

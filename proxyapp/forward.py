@@ -289,6 +289,10 @@ class Exchange:
         self.status = status = raw.status
         self.response_headers = out = self._response_headers(raw)
         out.append(("X-Request-ID", self.request_id))
+        if is_event_stream(raw.headers.get("Content-Type")):
+            # An nginx in front passes the stream unbuffered even where proxy_buffering is on.
+            out[:] = [item for item in out if item[0].lower() != "x-accel-buffering"]
+            out.append(("X-Accel-Buffering", "no"))
         status_line = f"{status} {raw.reason or _reason(status)}"
         if self.method == "HEAD" or status in _NO_BODY_STATUS or status < 200:
             self._disarm()

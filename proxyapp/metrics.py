@@ -1,26 +1,38 @@
-"""Prometheus metrics, aggregated over all worker processes, in the text exposition format.
+"""Prometheus metrics of the whole deployment, through prometheus_client's multiprocess mode.
 
-Each worker counts in memory (a few dict updates per request, none per chunk) and writes a
-snapshot file into METRICS_DIR every second (atomically). ``/_proxy/metrics`` on any worker sums
-the snapshots of every worker that ever ran since the directory was cleaned (scripts/run cleans it
-at start), so counters never go backwards when a worker restarts; gauges count live workers only.
-The syncer writes its own small status file there. Written by hand because the runtime packages
-are fixed (no prometheus_client); the format is the plain text one, version 0.0.4.
+Each worker writes every value into its own mmap'd files in METRICS_DIR (the library's
+PROMETHEUS_MULTIPROC_DIR, wiped by scripts/run at start) at the moment it changes;
+``/_proxy/metrics`` on any worker merges the files of every worker, so two scrapes answered by
+different workers read the same figures. Counters and histograms of workers that have exited stay
+in the sums, so nothing goes backwards when a worker restarts. The gauges of live state
+(``livesum``: in-flight requests and streams, workers; ``livemax``: the table figures) count live
+workers only: a worker removes its live files when it exits normally (``close``), and the
+scraping worker removes those of a pid that is gone (a worker killed with SIGKILL runs nothing).
+The syncer's figures come from its status file, ``syncer.json``, through a custom collector.
+
+One request's metric updates stay on the request path (``observe``, from Exchange.finish): the
+labelled series are looked up once per label set and cached, and each update is one write into
+the mmap'd file.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import os
 import time
-from collections import defaultdict
+from bisect import bisect_left
 
 import gevent
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, values
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
 log = logging.getLogger("proxy.metrics")
 
-PREFIX = "llmproxy_"
+CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4  # the text format, version 0.0.4
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 USAGE_KINDS = (
     ("prompt_tokens", "prompt"),
@@ -34,51 +46,243 @@ _UPSTREAM_ERROR_KIND = {
     "upstream_timeout": "timeout",
     "total_timeout": "total_timeout",
 }
-
-_HELP = {
-    "requests_total": ("counter", "Requests by model, status class and end reason."),
-    "request_duration_seconds": ("histogram", "Time from the request to the last byte."),
-    "ttfb_seconds": ("histogram", "Time from the request to the first body byte of the answer."),
-    "request_bytes_total": ("counter", "Request body bytes received."),
-    "response_bytes_total": ("counter", "Response body bytes sent."),
-    "usage_tokens_total": ("counter", "Tokens reported by upstreams, by model and kind."),
-    "client_gone_total": ("counter", "Requests whose client left before the end."),
-    "upstream_errors_total": ("counter", "Upstream failures by kind."),
-    "in_flight_requests": ("gauge", "Requests being forwarded now."),
-    "in_flight_streams": ("gauge", "Event streams being forwarded now."),
-    "table_tokens": ("gauge", "Tokens in the table this worker serves."),
-    "table_age_seconds": ("gauge", "Age of the table (now - generated_at)."),
-    "table_last_reload_timestamp_seconds": ("gauge", "When this worker last loaded a table."),
-    "table_reload_failures_total": ("counter", "Table file versions rejected, all workers."),
-    "workers": ("gauge", "Worker processes alive."),
-    "syncer_last_success_timestamp_seconds": ("gauge", "When the syncer last wrote the table."),
-    "syncer_last_attempt_timestamp_seconds": ("gauge", "When the syncer last tried a sync."),
-    "syncer_failures_total": ("counter", "Failed syncs since the syncer started."),
-    "syncer_tokens": ("gauge", "Tokens written by the last successful sync."),
-}
+_CLIENT_GONE = ("client_gone", "client_send_timeout")
 
 
-def default_dir(token_file: str) -> str:
-    run_dir = os.environ.get("PROXY_RUN_DIR")
-    if run_dir:
-        return os.path.join(run_dir, "metrics")
-    return os.path.join(os.path.dirname(token_file), "metrics")
+def _use_multiprocess_files(directory: str) -> None:
+    """Make every metric created from now on in this process live in ``directory``.
+
+    prometheus_client picks its value class when ``prometheus_client.values`` is first imported,
+    from PROMETHEUS_MULTIPROC_DIR (values.get_value_class); this worker imports the library before
+    its configuration is read, so the multiprocess class is installed here, before any metric
+    exists. One directory per process: labelled series created later use the same class.
+    """
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
+    values.ValueClass = values.MultiProcessValue()
+    # A worker that got the pid of a killed one would start from that one's live gauges.
+    mark_process_dead(os.getpid(), directory)
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` still runs (a zombie, killed but not yet reaped, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            return handle.read().rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X")
+    except FileNotFoundError:
+        return False
+    except (OSError, IndexError):  # no /proc here: ask the kernel
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+
+class DeploymentFiles:
+    """Collector: the merged files of every worker, live gauges of vanished pids left out."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+
+    def collect(self):
+        kept = []
+        for path in sorted(glob.glob(os.path.join(self.directory, "*.db"))):  # sorted: same sums
+            name = os.path.basename(path)  # <type>_<pid>.db, gauge_<mode>_<pid>.db
+            if name.startswith("gauge_live"):
+                try:
+                    pid = int(name[:-3].rsplit("_", 1)[1])
+                except ValueError:
+                    continue
+                if not _alive(pid):  # killed: nobody ran mark_process_dead for it
+                    mark_process_dead(pid, self.directory)
+                    continue
+            try:
+                if os.path.getsize(path) == 0:  # created this instant, not sized yet
+                    continue
+            except OSError:
+                continue
+            kept.append(path)
+        return MultiProcessCollector.merge(kept, accumulate=True)
+
+
+class SyncerStatus:
+    """Collector: the figures the syncer leaves in its status file (syncer/__main__.py)."""
+
+    _GAUGES = (
+        (
+            "last_success",
+            "llmproxy_syncer_last_success_timestamp_seconds",
+            "When the syncer last wrote the table.",
+        ),
+        (
+            "last_attempt",
+            "llmproxy_syncer_last_attempt_timestamp_seconds",
+            "When the syncer last tried a sync.",
+        ),
+        ("tokens", "llmproxy_syncer_tokens", "Tokens written by the last successful sync."),
+    )
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def collect(self):
+        try:
+            with open(self.path, encoding="utf-8") as handle:
+                status = json.load(handle)
+        except (OSError, ValueError):
+            return []
+        if not isinstance(status, dict):
+            return []
+        families = []
+        for field, name, help_text in self._GAUGES:
+            value = status.get(field)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                families.append(GaugeMetricFamily(name, help_text, value=value))
+        failures = status.get("failures")
+        if isinstance(failures, (int, float)) and not isinstance(failures, bool):
+            families.append(
+                CounterMetricFamily(
+                    "llmproxy_syncer_failures", "Failed syncs since the syncer started.", value=failures
+                )
+            )
+        return families
+
+
+def _add(value, amount: float) -> None:
+    """``MmapedValue.inc`` without its lock and fork check: the same value, file and key.
+
+    The library's inc also takes a lock (a gevent lock once monkey-patched: never contended, as
+    nothing inside it can yield) and calls getpid(), about 1 µs per update against 0.3, and a
+    request makes 9. A worker is one OS thread and never forks once its metrics exist, so neither
+    matters here; only observe() updates these series. bench/observe.py measures the whole.
+    """
+    value._value += amount
+    value._file.write_value(value._key, value._value, 0.0)
+
+
+def _observe(histogram, seconds: float) -> None:
+    """``Histogram.observe`` through ``_add``: the sum and the one bucket the value falls in."""
+    _add(histogram._sum, seconds)
+    _add(histogram._buckets[bisect_left(histogram._upper_bounds, seconds)], 1)
+
+
+class _Series:
+    """The values one (model, status, end reason) updates, looked up once (see observe)."""
+
+    __slots__ = ("duration", "extra", "request_bytes", "requests", "response_bytes", "ttfb", "usage")
+
+    def __init__(self, metrics: WorkerMetrics, model: str, status: int, reason: str) -> None:
+        self.requests = metrics.requests_total.labels(model, f"{status // 100}xx", reason)._value
+        per_model = metrics.model_series(model)
+        self.request_bytes, self.response_bytes, self.duration, self.ttfb, self.usage = per_model
+        extra = []  # counted once each
+        if reason in _CLIENT_GONE:
+            extra.append(metrics.client_gone_total.labels(model)._value)
+        kind = _UPSTREAM_ERROR_KIND.get(reason)
+        if kind is not None:
+            if reason == "upstream_error" and status >= 500:
+                kind = "unreachable" if status == 502 else kind
+            extra.append(metrics.upstream_errors_total.labels(kind)._value)
+        self.extra = tuple(extra)
+
+
+_COUNTERS = (  # attribute, name, help, labels
+    (
+        "requests_total",
+        "llmproxy_requests_total",
+        "Requests by model, status class and end reason.",
+        ("model", "status_class", "end_reason"),
+    ),
+    ("request_bytes_total", "llmproxy_request_bytes_total", "Request body bytes received.", ("model",)),
+    ("response_bytes_total", "llmproxy_response_bytes_total", "Response body bytes sent.", ("model",)),
+    (
+        "usage_tokens_total",
+        "llmproxy_usage_tokens_total",
+        "Tokens reported by upstreams, by model and kind.",
+        ("model", "kind"),
+    ),
+    (
+        "client_gone_total",
+        "llmproxy_client_gone_total",
+        "Requests whose client left before the end.",
+        ("model",),
+    ),
+    ("upstream_errors_total", "llmproxy_upstream_errors_total", "Upstream failures by kind.", ("kind",)),
+)
+_HISTOGRAMS = (
+    ("request_duration", "llmproxy_request_duration_seconds", "Time from the request to the last byte."),
+    ("ttfb", "llmproxy_ttfb_seconds", "Time from the request to the first body byte of the answer."),
+)
+# Live state, summed over live workers.
+_LIVE_SUMS = (
+    ("workers", "llmproxy_workers", "Worker processes alive."),
+    ("in_flight_requests", "llmproxy_in_flight_requests", "Requests being forwarded now."),
+    ("in_flight_streams_gauge", "llmproxy_in_flight_streams", "Event streams being forwarded now."),
+)
+# Every worker serves the same file: their figures agree but for the moment of a reload, and a sum
+# would count the table once per worker. The largest among live workers: the table's size, its
+# last load, and for the age the oldest table still served (a worker that missed a reload shows).
+_TABLE_GAUGES = (
+    ("table_tokens", "llmproxy_table_tokens", "Tokens in the table the workers serve."),
+    ("table_age", "llmproxy_table_age_seconds", "Age of the oldest table served (now - generated_at)."),
+    (
+        "table_last_reload",
+        "llmproxy_table_last_reload_timestamp_seconds",
+        "When a worker last loaded a table.",
+    ),
+)
 
 
 class WorkerMetrics:
-    """This worker's counters and histograms, plus its snapshot file."""
+    """This worker's metrics (written into METRICS_DIR as they change) and the scrape registry."""
 
     def __init__(self, directory: str, *, store=None, in_flight=lambda: 0) -> None:
         self.directory = directory
         self.store = store
         self.in_flight = in_flight
         self.pid = os.getpid()
-        self.counters: dict[tuple, float] = defaultdict(float)
-        self.histograms: dict[tuple, list] = {}
-        self.in_flight_streams = 0
-        self.seen_files: set[str] = set()  # other workers' snapshot names, for render()
+        _use_multiprocess_files(directory)
+        for attribute, name, help_text, labels in _COUNTERS:
+            setattr(self, attribute, Counter(name, help_text, labels, registry=None))
+        for attribute, name, help_text in _HISTOGRAMS:
+            histogram = Histogram(name, help_text, ("model",), registry=None, buckets=DURATION_BUCKETS)
+            setattr(self, attribute, histogram)
+        for attribute, name, help_text in _LIVE_SUMS:
+            setattr(self, attribute, Gauge(name, help_text, registry=None, multiprocess_mode="livesum"))
+        self.workers.set(1)
+        self._streams = 0
+        if store is not None:
+            for attribute, name, help_text in _TABLE_GAUGES:
+                setattr(self, attribute, Gauge(name, help_text, registry=None, multiprocess_mode="livemax"))
+            self.table_reload_failures_total = Counter(
+                "llmproxy_table_reload_failures_total",
+                "Table file versions rejected, all workers.",
+                registry=None,
+            )
+            if store.reload_failures:
+                self.table_reload_failures_total.inc(store.reload_failures)
+            store.on_reject = self.table_reload_failures_total.inc
+        self._series: dict[tuple, _Series] = {}
+        self._models: dict[str, tuple] = {}
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(DeploymentFiles(directory))
+        self.registry.register(SyncerStatus(os.path.join(directory, "syncer.json")))
+        self._refresher: gevent.Greenlet | None = None
+        self.refresh()
 
     # -- the request path
+
+    @property
+    def in_flight_streams(self) -> int:
+        return self._streams
+
+    @in_flight_streams.setter
+    def in_flight_streams(self, value: int) -> None:  # forward.py: += 1 / -= 1 around a stream
+        self._streams = value
+        self.in_flight_streams_gauge.set(value)
 
     def observe(self, exchange) -> None:
         """Count one finished exchange (called once, from Exchange.finish)."""
@@ -86,206 +290,77 @@ class WorkerMetrics:
         model = decision.route.upstream.model_name if decision is not None else ""
         status = exchange.status
         reason = exchange.end_reason
-        counters = self.counters
-        counters[
-            (
-                "requests_total",
-                ("model", model),
-                ("status_class", f"{status // 100}xx"),
-                ("end_reason", reason),
-            )
-        ] += 1
-        counters[("request_bytes_total", ("model", model))] += len(exchange.request_body)
-        counters[("response_bytes_total", ("model", model))] += exchange.response_bytes
-        now = time.perf_counter()
-        self._histogram("request_duration_seconds", model, now - exchange.started)
+        series = self._series.get((model, status, reason))
+        if series is None:
+            series = self._series[(model, status, reason)] = _Series(self, model, status, reason)
+        started = exchange.started
+        _add(series.requests, 1)
+        _add(series.request_bytes, len(exchange.request_body))
+        _add(series.response_bytes, exchange.response_bytes)
+        _observe(series.duration, time.perf_counter() - started)
         if exchange.first_byte_at is not None:
-            self._histogram("ttfb_seconds", model, exchange.first_byte_at - exchange.started)
-        if reason in ("client_gone", "client_send_timeout"):
-            counters[("client_gone_total", ("model", model))] += 1
-        kind = _UPSTREAM_ERROR_KIND.get(reason)
-        if kind is not None:
-            if reason == "upstream_error" and exchange.status >= 500:
-                kind = "unreachable" if exchange.status == 502 else kind
-            counters[("upstream_errors_total", ("kind", kind))] += 1
+            _observe(series.ttfb, exchange.first_byte_at - started)
+        for value in series.extra:
+            _add(value, 1)
         usage = exchange.usage_result
         if usage:
-            for field, usage_kind in USAGE_KINDS:
-                value = usage.get(field)
-                if value:
-                    counters[("usage_tokens_total", ("model", model), ("kind", usage_kind))] += value
+            for field, value in series.usage:
+                tokens = usage.get(field)
+                if tokens:
+                    _add(value, tokens)
 
-    def _histogram(self, name: str, model: str, seconds: float) -> None:
-        key = (name, ("model", model))
-        histogram = self.histograms.get(key)
-        if histogram is None:
-            histogram = self.histograms[key] = [[0] * (len(DURATION_BUCKETS) + 1), 0.0, 0]
-        buckets = histogram[0]
-        for index, bound in enumerate(DURATION_BUCKETS):
-            if seconds <= bound:
-                buckets[index] += 1
-                break
-        else:
-            buckets[-1] += 1
-        histogram[1] += seconds
-        histogram[2] += 1
+    def model_series(self, model: str) -> tuple:
+        found = self._models.get(model)
+        if found is None:
+            usage = tuple(
+                (field, self.usage_tokens_total.labels(model, kind)._value) for field, kind in USAGE_KINDS
+            )
+            found = self._models[model] = (
+                self.request_bytes_total.labels(model)._value,
+                self.response_bytes_total.labels(model)._value,
+                self.request_duration.labels(model),
+                self.ttfb.labels(model),
+                usage,
+            )
+        return found
 
-    # -- snapshots
+    # -- state sampled, not counted: in-flight requests and the table
 
-    def snapshot(self) -> dict:
-        counters = [[list(key[1:]), key[0], value] for key, value in self.counters.items()]
-        if self.store is not None:
-            counters.append([[], "table_reload_failures_total", self.store.reload_failures])
-        return {
-            "pid": self.pid,
-            "counters": counters,
-            "histograms": [[list(key[1:]), key[0], h[0], h[1], h[2]] for key, h in self.histograms.items()],
-            "gauges": {"in_flight_requests": self.in_flight(), "in_flight_streams": self.in_flight_streams},
-        }
+    def refresh(self) -> None:
+        """Write this worker's sampled gauges (once a second, and before answering a scrape)."""
+        self.in_flight_requests.set(self.in_flight())
+        store = self.store
+        if store is None:
+            return
+        table = store.current
+        self.table_tokens.set(len(table.routes) if table is not None else 0)
+        if table is not None:
+            self.table_last_reload.set(table.loaded_at)
+            if table.generated_epoch:
+                self.table_age.set(round(time.time() - table.generated_epoch, 3))
 
-    def write_snapshot(self) -> None:
-        # Gauges change without requests finishing; a snapshot a second is cheap enough.
-        os.makedirs(self.directory, mode=0o700, exist_ok=True)
-        path = os.path.join(self.directory, f"worker-{self.pid}.json")
-        temp = path + ".tmp"
-        with open(temp, "w", encoding="utf-8") as handle:
-            json.dump(self.snapshot(), handle)
-        os.replace(temp, path)
-
-    def start_writer(self, interval: float = 1.0) -> gevent.Greenlet:
+    def start_refresher(self, interval: float = 1.0) -> gevent.Greenlet:
         def run() -> None:
-            try:  # at once, so a worker counts among the live ones from its first second
-                self.write_snapshot()
-            except Exception:
-                log.exception("cannot write the metrics snapshot", extra={"event": "metrics_error"})
             while True:
                 gevent.sleep(interval)
                 try:
-                    self.write_snapshot()
+                    self.refresh()
                 except Exception:  # metrics must never take the worker down
-                    log.exception("cannot write the metrics snapshot", extra={"event": "metrics_error"})
+                    log.exception("cannot refresh the metrics", extra={"event": "metrics_error"})
 
-        return gevent.spawn(run)
+        self.refresh()
+        self._refresher = gevent.spawn(run)
+        return self._refresher
 
+    # -- scrape and exit
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    def render(self) -> bytes:
+        """The exposition text of the whole deployment (this worker's sampled gauges fresh)."""
+        self.refresh()
+        return generate_latest(self.registry)
 
-
-def _escape(value: object) -> str:
-    return str(value).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-
-
-def _labels(pairs) -> str:
-    if not pairs:
-        return ""
-    escaped = (f'{name}="{_escape(value)}"' for name, value in pairs)
-    return "{" + ",".join(escaped) + "}"
-
-
-def render(worker: WorkerMetrics, *, syncer_status_path: str | None) -> str:
-    """The exposition text: every worker's snapshot summed, this worker's live state included."""
-    snapshots = {worker.pid: worker.snapshot()}
-    live = {worker.pid}
-    try:
-        names = set(os.listdir(worker.directory))
-    except OSError:
-        names = set()
-    # A listing taken while another worker renames its snapshot into place may miss that name
-    # (readdir during a rename is unspecified): files seen once are opened by path every time.
-    names |= worker.seen_files
-    for name in sorted(names):
-        if not (name.startswith("worker-") and name.endswith(".json")):
-            continue
-        try:
-            pid = int(name[7:-5])
-        except ValueError:
-            continue
-        if pid == worker.pid:
-            continue
-        try:
-            with open(os.path.join(worker.directory, name), encoding="utf-8") as handle:
-                snapshots[pid] = json.load(handle)
-        except (OSError, ValueError):
-            worker.seen_files.discard(name)
-            continue
-        worker.seen_files.add(name)
-        if _alive(pid):
-            live.add(pid)
-    counters: dict[tuple, float] = defaultdict(float)
-    histograms: dict[tuple, list] = {}
-    for snap in snapshots.values():
-        for labels, name, value in snap.get("counters", ()):
-            counters[(name, tuple(tuple(p) for p in labels))] += value
-        for labels, name, buckets, total, count in snap.get("histograms", ()):
-            key = (name, tuple(tuple(p) for p in labels))
-            merged = histograms.setdefault(key, [[0] * len(buckets), 0.0, 0])
-            merged[0] = [a + b for a, b in zip(merged[0], buckets, strict=False)]
-            merged[1] += total
-            merged[2] += count
-    gauges: dict[tuple, float] = defaultdict(float)
-    gauges[("workers", ())] = len(live)
-    for pid in live:
-        for name, value in snapshots[pid].get("gauges", {}).items():
-            gauges[(name, ())] += value
-    store = worker.store
-    if store is not None:
-        table = store.current
-        gauges[("table_tokens", ())] = len(table.routes) if table else 0
-        if table is not None:
-            gauges[("table_last_reload_timestamp_seconds", ())] = table.loaded_at
-            if table.generated_epoch:
-                gauges[("table_age_seconds", ())] = round(time.time() - table.generated_epoch, 3)
-    if syncer_status_path:
-        _add_syncer(syncer_status_path, gauges, counters)
-    return _format(counters, histograms, gauges)
-
-
-def _add_syncer(path: str, gauges: dict, counters: dict) -> None:
-    try:
-        with open(path, encoding="utf-8") as handle:
-            status = json.load(handle)
-    except (OSError, ValueError):
-        return
-    for field, name in (
-        ("last_success", "syncer_last_success_timestamp_seconds"),
-        ("last_attempt", "syncer_last_attempt_timestamp_seconds"),
-        ("tokens", "syncer_tokens"),
-    ):
-        if isinstance(status.get(field), (int, float)):
-            gauges[(name, ())] = status[field]
-    if isinstance(status.get("failures"), (int, float)):
-        counters[("syncer_failures_total", ())] = status["failures"]
-
-
-def _number(value: float) -> str:
-    return str(int(value)) if float(value).is_integer() else repr(float(value))
-
-
-def _format(counters: dict, histograms: dict, gauges: dict) -> str:
-    by_name: dict[str, list[str]] = defaultdict(list)
-    for (name, labels), value in sorted(counters.items()):
-        by_name[name].append(f"{PREFIX}{name}{_labels(labels)} {_number(value)}")
-    for (name, labels), value in sorted(gauges.items()):
-        by_name[name].append(f"{PREFIX}{name}{_labels(labels)} {_number(value)}")
-    for (name, labels), (buckets, total, count) in sorted(histograms.items()):
-        cumulative = 0
-        for bound, bucket in zip((*DURATION_BUCKETS, "+Inf"), buckets, strict=False):
-            cumulative += bucket
-            le = bound if isinstance(bound, str) else f"{bound:g}"
-            by_name[name].append(f"{PREFIX}{name}_bucket{_labels((*labels, ('le', le)))} {cumulative}")
-        by_name[name].append(f"{PREFIX}{name}_sum{_labels(labels)} {total:.6f}")
-        by_name[name].append(f"{PREFIX}{name}_count{_labels(labels)} {count}")
-    lines = []
-    for name in sorted(by_name):
-        kind, help_text = _HELP.get(name, ("untyped", name))
-        lines.append(f"# HELP {PREFIX}{name} {help_text}")
-        lines.append(f"# TYPE {PREFIX}{name} {kind}")
-        lines.extend(by_name[name])
-    return "\n".join(lines) + "\n"
+    def close(self) -> None:
+        """On a normal exit: this worker leaves the live gauges; its counters stay in the sums."""
+        if self._refresher is not None:
+            self._refresher.kill(block=False)
+        mark_process_dead(self.pid, self.directory)

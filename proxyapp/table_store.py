@@ -110,6 +110,7 @@ class TableStore:
         self.poll_interval = poll_interval
         self.current: LoadedTable | None = None
         self.reload_failures = 0
+        self.on_reject = None  # called once per rejected version (the metrics count them)
         self._rejected: FileVersion | None = None  # last bad version, logged once
         self._missing_logged = False
         self._watcher: gevent.Greenlet | None = None
@@ -181,6 +182,8 @@ class TableStore:
             return
         self._rejected = version
         self.reload_failures += 1
+        if self.on_reject is not None:
+            self.on_reject()
         log.error(
             "token table file rejected; keeping the last good table",
             extra={

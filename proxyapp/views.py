@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import time
 import uuid
@@ -17,7 +16,7 @@ from common.jsonlog import mask_text
 from proxyapp.errors import error_body
 from proxyapp.forward import Forwarder
 from proxyapp.logs import log_access
-from proxyapp.metrics import WorkerMetrics, render
+from proxyapp.metrics import CONTENT_TYPE, WorkerMetrics
 from proxyapp.table_store import TableStore
 
 log = logging.getLogger("proxy.app")
@@ -77,11 +76,8 @@ def register(
         }
         return _json(json.dumps(body).encode(), 200, _request_id())
 
-    syncer_status = os.path.join(metrics.directory, "syncer.json")
-
     def prometheus():
-        text = render(metrics, syncer_status_path=syncer_status)
-        return Response(text, status=200, content_type="text/plain; version=0.0.4; charset=utf-8")
+        return Response(metrics.render(), status=200, content_type=CONTENT_TYPE)
 
     app.add_url_rule("/_proxy/metrics", "metrics", prometheus, methods=["GET"])
     app.add_url_rule("/_proxy/healthz", "healthz", healthz, methods=["GET"])

@@ -30,6 +30,7 @@ import requests
 from common import tokentable
 from tests.fakes.backend import FakeBackendControl
 from tests.support import procs
+from tests.support.metrics import scrape, total
 from tests.support.procs import PYTHON, REPO, Process, free_port, port_open, wait_for
 from tests.support.tables import CLIENT_TOKEN, OTHER_CLIENT_TOKEN, OTHER_UPSTREAM_KEY, UPSTREAM_KEY
 
@@ -484,33 +485,128 @@ def test_deployment_comes_up(dep, backend, upstream):
     assert line["pid"] in {pid for _, pid in states.values()}
 
 
-def _requests_total(url: str) -> float:
-    text = requests.get(url + "/_proxy/metrics", timeout=5).text
-    return sum(
-        float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
-        if line.startswith("llmproxy_requests_total{")
-    )
+def settled(url: str) -> dict[str, float]:
+    """The counters once two scrapes in a row agree: a request is counted as it finishes, a moment
+    after its client has the last byte, so the fixture's own requests may still be landing."""
+    readings: list[dict[str, float]] = []
 
-
-def test_metrics_of_the_deployment_add_up_to_the_requests_sent(dep):
-    # Whichever worker answers the scrape sums every worker's snapshot (written each second), so
-    # the baseline is taken once the fixture's own requests have reached every snapshot.
-    readings = []
-
-    def settled() -> bool:
-        readings.append(_requests_total(dep.url))
+    def still() -> bool:
+        readings.append(scrape(url).counters())
         return len(readings) >= 2 and readings[-1] == readings[-2]
 
-    wait_for(settled, timeout=10, interval=1.2, what="settled metrics")
-    before = readings[-1]
+    wait_for(still, timeout=10, interval=0.2, what="settled metrics")
+    return readings[-1]
+
+
+def never_lower(before: dict[str, float], now: dict[str, float]) -> list[str]:
+    """The counter samples that read lower than before (or vanished)."""
+    return [key for key, value in before.items() if now.get(key, -1.0) < value]
+
+
+def count_requests(url: str, sent: int, base: float) -> dict[str, float]:
+    """Wait until ``sent`` more requests are counted, never seeing more; the settled counters."""
+
+    def counted() -> bool:
+        seen = total(scrape(url), "requests_total")
+        assert seen <= base + sent, (seen, base, sent)
+        return seen == base + sent
+
+    wait_for(counted, timeout=10, interval=0.05, what=f"{sent} requests counted")
+    return scrape(url).counters()
+
+
+def test_metrics_of_the_deployment_agree_and_count_every_request(dep):
+    base = settled(dep.url)
+    # Ten scrapes without traffic, each on a new connection (both workers answer): identical.
+    scrapes = [scrape(dep.url) for _ in range(10)]
+    assert [s.counters() for s in scrapes] == [base] * 10
+    assert all(total(s, "workers") == 2 for s in scrapes)
+
     sent = 40
     for _ in range(sent):
         assert post(dep.url, CLIENT_TOKEN).status_code == 200
-    wait_for(lambda: _requests_total(dep.url) - before == sent, timeout=5, interval=0.2, what="metrics")
-    workers = [line for line in requests.get(dep.url + "/_proxy/metrics", timeout=5).text.splitlines()]
-    assert "llmproxy_workers 2" in workers
-    assert any(line.startswith("llmproxy_syncer_last_success_timestamp_seconds ") for line in workers)
+    count_requests(dep.url, sent, total(base, "requests_total"))
+    for samples in [scrape(dep.url) for _ in range(10)]:
+        assert total(samples, "requests_total") == total(base, "requests_total") + sent
+        assert (
+            total(samples, "requests_total", status_class="2xx")
+            == total(base, "requests_total", status_class="2xx") + sent
+        )
+        assert (
+            total(samples, "request_duration_seconds_count")
+            == total(base, "request_duration_seconds_count") + sent
+        )
+        assert never_lower(base, samples.counters()) == []
+        # The syncer's last sync (SYNC_INTERVAL here is 1.2 s) and the table it wrote.
+        assert abs(total(samples, "syncer_last_success_timestamp_seconds") - time.time()) < 60
+        assert total(samples, "syncer_tokens") == 1
+        assert total(samples, "table_tokens") == 1
+
+
+def test_metrics_never_go_down_when_a_worker_is_killed(dep):
+    base = settled(dep.url)
+    victim = dep.pid("proxy:proxy_00")
+    assert victim and "wsgi.py" in cmdline(victim)
+    os.kill(victim, signal.SIGKILL)
+    wait_for(lambda: not pid_alive(victim), timeout=5, what="killed worker gone")
+    restarted_pid = None
+    readings = 0
+    deadline = time.monotonic() + 15
+    # No traffic: every scrape, while supervisord restarts the worker and after, reads the same.
+    while time.monotonic() < deadline:
+        assert scrape(dep.url).counters() == base
+        readings += 1
+        if restarted_pid is None:
+            state, pid = dep.status().get("proxy:proxy_00", ("?", None))
+            if state == "RUNNING" and pid and pid != victim:
+                restarted_pid = pid
+                deadline = min(deadline, time.monotonic() + 1.0)
+    assert restarted_pid, "proxy:proxy_00 was not restarted"
+    print(f"{readings} scrapes while the killed worker was restarted as pid {restarted_pid}")
+    # The killed worker left its live gauges behind; the scraping worker drops them.
+    wait_for(lambda: total(scrape(dep.url), "workers") == 2, timeout=5, what="two live workers")
+    sent = 20
+    for _ in range(sent):
+        assert post(dep.url, CLIENT_TOKEN).status_code == 200
+    after = count_requests(dep.url, sent, total(base, "requests_total"))
+    assert never_lower(base, after) == []
+
+
+def test_metrics_never_go_down_across_a_rolling_restart(dep):
+    base = settled(dep.url)
+    before = {name: dep.pid(name) for name in ("proxy:proxy_00", "proxy:proxy_01")}
+    restart = subprocess.Popen(
+        ["bash", "scripts/rolling-restart"],
+        cwd=REPO,
+        env=dep.ctl_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    previous, sent, failures, readings = base, 0, [], 0
+    try:
+        # A request and a scrape in turn while the workers restart one after the other.
+        while restart.poll() is None:
+            try:
+                assert post(dep.url, CLIENT_TOKEN).status_code == 200
+                sent += 1
+            except requests.RequestException as exc:
+                failures.append(repr(exc))
+            now = scrape(dep.url).counters()
+            readings += 1
+            assert never_lower(previous, now) == [], never_lower(previous, now)
+            previous = now
+    finally:
+        output = restart.communicate(timeout=60)[0]
+    print(f"rolling restart: {sent} requests, {readings} scrapes; failures: {failures[:3]}")
+    assert restart.returncode == 0, output
+    after = {name: dep.pid(name) for name in before}
+    assert all(after[name] != before[name] for name in before), (before, after)
+    assert failures == []
+    # Every request sent through the restart is counted, by the old workers or the new ones.
+    final = count_requests(dep.url, sent, total(base, "requests_total"))
+    assert never_lower(base, final) == []
+    wait_for(lambda: total(scrape(dep.url), "workers") == 2, timeout=5, what="two live workers")
 
 
 def test_requests_flow_through_every_worker(dep):
