@@ -9,6 +9,7 @@ Peers, in the order every run visits them:
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import http.client
 import json
@@ -212,6 +213,18 @@ class Peer:
         if self.proc:
             self.proc.stop()
 
+    @contextlib.contextmanager
+    def stopped_on_error(self):
+        """A peer that fails to start stops what it started: nothing is left running beside the others."""
+        try:
+            yield
+        except BaseException:
+            try:
+                self.stop()
+            except Exception as exc:
+                say(f"  NOTE: stopping {self.label} after a failed start: {exc}")
+            raise
+
     def check_serves(self) -> None:
         status = request(self.port, "POST", self.chat_path, BENCH_TOKEN, CHAT_BODY, timeout=10)
         if status != 200:
@@ -261,8 +274,9 @@ class GoReference(Peer):
             str(os.getpid()),
         ]
         self.proc = Proc(args, base_env(), workdir / "go-ref.log")
-        wait_until(lambda: request(self.port, "GET", "/_bench/ping") == 401, 15, self.label, self.proc)
-        self.check_serves()
+        with self.stopped_on_error():
+            wait_until(lambda: request(self.port, "GET", "/_bench/ping") == 401, 15, self.label, self.proc)
+            self.check_serves()
 
 
 class ProxyOneWorker(Peer):
@@ -282,8 +296,9 @@ class ProxyOneWorker(Peer):
             GRACEFUL_TIMEOUT="5",
         )
         self.proc = Proc([*layout.prefix(layout.proxy_1w), PYTHON, "wsgi.py"], env, workdir / "proxy1.log")
-        wait_until(lambda: request(self.port, "GET", "/_proxy/readyz") == 200, 30, self.label, self.proc)
-        self.check_serves()
+        with self.stopped_on_error():
+            wait_until(lambda: request(self.port, "GET", "/_proxy/readyz") == 200, 30, self.label, self.proc)
+            self.check_serves()
 
 
 class ProxySupervised(Peer):
@@ -304,6 +319,13 @@ class ProxySupervised(Peer):
         self.table_path = home / "tokens.json"
         tables.write(self.table_path, table_size)
         backend_port = free_port()
+        self.backend: Proc | None = None
+        with self.stopped_on_error():
+            self._start(layout, workdir, tables, table_size, home, backend_port)
+
+    def _start(
+        self, layout: Layout, workdir: Path, tables: Tables, table_size: int, home: Path, backend_port: int
+    ) -> None:
         self.backend = Proc(
             [
                 *layout.prefix(layout.load),
@@ -378,4 +400,5 @@ class ProxySupervised(Peer):
         if self.proc:
             everything = procstat.descendants(self.proc.pid)
             self.proc.stop(timeout=30, also=everything)
-        self.backend.stop()
+        if self.backend:
+            self.backend.stop()
