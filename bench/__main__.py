@@ -1,4 +1,4 @@
-"""``python -m bench [small|stream1000|reload|all] [--quick]``: the benchmark (see bench/README.md).
+"""``python -m bench [SCENARIO|all] [--quick]``: the benchmark (see bench/README.md).
 
 Not part of the test suite. Everything listens on 127.0.0.1; every load stops by itself; only the
 processes started here are stopped, by PID.
@@ -18,6 +18,7 @@ from pathlib import Path
 from bench import report, scenarios
 from bench.peers import Upstream
 from bench.tables import Tables
+from bench.tlsca import TlsFiles, make_certificates
 from bench.tools import cpu_layout, find_tools, say
 
 
@@ -39,6 +40,22 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def https_upstream(box, layout, workdir: Path, cache: list) -> tuple[Upstream, Tables, TlsFiles]:
+    """The HTTPS fake upstream (a second process), its certificates made on first use; then cached.
+    A failure is cached too (as the exception), so that every HTTPS scenario reports it alike."""
+    if not cache:
+        try:
+            files = make_certificates(workdir / "tls")
+            upstream = Upstream(box, layout, workdir, tls=files)
+            say(f"fake upstream over HTTPS: 127.0.0.1:{upstream.port} (CA {files.ca})")
+            cache.append((upstream, Tables(upstream.api_url), files))
+        except RuntimeError as exc:
+            cache.append(exc)
+    if isinstance(cache[0], Exception):
+        raise RuntimeError(str(cache[0]))
+    return cache[0]
+
+
 def _terminate(signum, frame):  # SIGTERM: unwind through the finally blocks that stop the peers
     raise SystemExit(128 + signum)
 
@@ -47,6 +64,7 @@ def main(argv: list[str]) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, _terminate)
     names = list(scenarios.SCENARIOS) if args.scenario == "all" else [args.scenario]
+    runs = args.runs
     layout = cpu_layout(disable=args.no_pin)
     if layout.pinned:
         os.sched_setaffinity(0, layout.load)  # the harness itself stays off the proxy's CPU
@@ -56,6 +74,7 @@ def main(argv: list[str]) -> int:
     failed = False
     done: dict[str, str] = {}
     upstream = None
+    https: list = []  # the HTTPS upstream, started on first use
     began = time.monotonic()
     try:
         upstream = Upstream(box, layout, workdir)
@@ -73,8 +92,9 @@ def main(argv: list[str]) -> int:
             Tables(upstream.api_url),
             upstream,
             args.quick,
-            max(1, args.runs),
+            max(1, runs),
             args.peers,
+            https=lambda: https_upstream(box, layout, workdir, https),
         )
         for name in names:
             say(f"\n== {name}" + (" (quick)" if args.quick else ""))
@@ -107,6 +127,8 @@ def main(argv: list[str]) -> int:
         say(f"interrupted ({type(exc).__name__})")
         return 130
     finally:
+        if https and not isinstance(https[0], Exception):
+            https[0][0].stop()
         if upstream is not None:
             upstream.stop()
         if args.keep or failed:

@@ -1,13 +1,16 @@
-"""The three scenarios. Each starts its peers, runs every peer once per round in the order a, b, c, d
+"""The scenarios. Each starts its peers, runs every peer once per round in the order a, b, c, d
 (rounds interleaved, so a drift of the machine hits every peer alike), stops them, and returns the
-result dict that bench/report.py writes."""
+result dict that bench/report.py writes. The ``-tls`` variants do the same against
+the fake upstream over HTTPS (a second upstream process, started on first use)."""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import os
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench import load, procstat
@@ -23,6 +26,7 @@ from bench.peers import (
 )
 from bench.report import Figure, Target, get, summarize
 from bench.tables import BENCH_TOKEN, Tables, replace
+from bench.tlsca import TlsFiles
 from bench.tools import Layout, Toolbox, machine_facts, say
 
 TABLE_SIZE = 1000  # tokens in the table every peer starts with
@@ -39,20 +43,47 @@ class Context:
     quick: bool
     runs: int
     only: str  # peer keys to run
+    # The HTTPS upstream, its tables and certificates, made on first use (None: cannot be made).
+    https: Callable[[], tuple[Upstream, Tables, TlsFiles]] | None = None
+    tls: TlsFiles | None = None  # set in the context of an HTTPS scenario
+    summaries: dict[str, dict] = field(default_factory=dict)  # scenario -> summary, this invocation
 
 
-def start_peers(ctx: Context, name: str, notes: list[str]) -> dict[str, Peer]:
+class Skip(Exception):
+    """The scenario cannot run on this machine; the message says why."""
+
+
+def over_tls(ctx: Context) -> Context:
+    """The context of an HTTPS scenario: the HTTPS upstream, tables routing to it, its CA."""
+    if not ctx.box.have_go:
+        raise Skip("the HTTPS upstream is bench/peers/upstream.go: needs Go (`apt-get install golang-go`)")
+    if ctx.https is None:
+        raise Skip("no HTTPS upstream available")
+    try:
+        upstream, tables, files = ctx.https()
+    except RuntimeError as exc:
+        raise Skip(f"no HTTPS upstream: {exc}") from None
+    return dataclasses.replace(ctx, upstream=upstream, tables=tables, tls=files)
+
+
+def run_pause(ctx: Context, pause: float) -> float:
+    """Over HTTPS, runs are further apart than the upstream's idle timeout, so that every run starts
+    with no pooled upstream connection (each pays its own TLS handshakes)."""
+    return max(pause, Upstream.IDLE_TIMEOUT_TLS + 1.0) if ctx.tls else pause
+
+
+def start_peers(ctx: Context, name: str, notes: list[str], keys: str = "abcd") -> dict[str, Peer]:
     home = ctx.workdir / name
     home.mkdir()
     peers: dict[str, Peer] = {}
     makers = {
         "a": lambda: Direct(ctx.upstream),
-        "b": lambda: GoReference(ctx.box, ctx.layout, home, ctx.tables, TABLE_SIZE),
-        "c": lambda: ProxyOneWorker(ctx.layout, home, ctx.tables, TABLE_SIZE),
-        "d": lambda: ProxySupervised(ctx.layout, home, ctx.tables, TABLE_SIZE),
+        "b": lambda: GoReference(ctx.box, ctx.layout, home, ctx.tables, TABLE_SIZE, ctx.tls),
+        "c": lambda: ProxyOneWorker(ctx.layout, home, ctx.tables, TABLE_SIZE, ctx.tls),
+        "d": lambda: ProxySupervised(ctx.layout, home, ctx.tables, TABLE_SIZE, ctx.tls),
     }
     for key, make in makers.items():
-        if key not in ctx.only:
+        if key not in ctx.only or key not in keys:
             continue
         if key == "b" and not ctx.box.have_go:
             notes.append(
@@ -69,6 +100,11 @@ def start_peers(ctx: Context, name: str, notes: list[str]) -> dict[str, Peer]:
             short = " / ".join(lines[:1] + lines[-3:] if len(lines) > 4 else lines)
             notes.append(f"peer {key} did not start: {short}"[:800])
             say(f"  NOTE: peer {key} did not start: {exc}")
+            if ctx.tls and key in "cd" and "certificate" in str(exc).lower():
+                notes.append(
+                    f"peer {key}: our proxy did not accept the bench CA given in UPSTREAM_CA_BUNDLE "
+                    "(a build without that setting verifies against certifi's bundle only)"
+                )
     return peers
 
 
@@ -158,6 +194,7 @@ def meta(ctx: Context, title: str) -> dict:
         "runs": ctx.runs,
         "pinning": ctx.layout.note,
         "upstream": ctx.upstream.kind,
+        "upstream_url": ctx.upstream.api_url,
         "machine": machine_facts(),
         "title": title,
     }
@@ -176,7 +213,7 @@ def result_dict(
     return {
         "scenario": name,
         "title": title,
-        "meta": meta(ctx, title),
+        "meta": {**meta(ctx, title), "upstream_tls": bool(ctx.tls)},
         "peers": {key: peer.label for key, peer in peers.items()},
         "setup": setup,
         "runs": runs,
@@ -215,13 +252,23 @@ SMALL_FIGURES = [
 ]
 
 
+SHARED_2W = "; the 2 workers share a CPU with the load on this machine"
+
+
 def small(ctx: Context) -> tuple[dict, list[Figure], list[Target]]:
-    name = "small"
+    return _small(ctx, "small")
+
+
+def small_tls(ctx: Context) -> tuple[dict, list[Figure], list[Target]]:
+    return _small(over_tls(ctx), "small-tls")
+
+
+def _small(ctx: Context, name: str) -> tuple[dict, list[Figure], list[Target]]:
     duration = 3 if ctx.quick else 10
     connections = 64
     title = (
         f"non-streaming POST /chat/completions, ~600 B answer, {connections} keep-alive connections, "
-        f"{duration} s per run (wrk --latency)"
+        f"{duration} s per run (wrk --latency)" + (", upstream over HTTPS" if ctx.tls else "")
     )
     if ctx.box.wrk is None:
         raise Skip("wrk not found: install with `apt-get install wrk`")
@@ -247,7 +294,7 @@ def small(ctx: Context) -> tuple[dict, list[Figure], list[Target]]:
             )
             return res
 
-        runs = interleave(ctx, peers, measure, notes)
+        runs = interleave(ctx, peers, measure, notes, pause=run_pause(ctx, 0.5))
         saturation_notes(ctx, peers, runs, notes)
     finally:
         stop_peers(peers)
@@ -257,29 +304,36 @@ def small(ctx: Context) -> tuple[dict, list[Figure], list[Target]]:
         "our proxy: LOG_LEVEL=info (one access line per request, stdout to a file); the Go reference also "
         "writes one access line per request",
         "CPU = utime+stime from /proc/<pid>/stat over the run (2 workers: both summed)",
+        *tls_setup(ctx),
     ]
     result = result_dict(name, title, ctx, peers, runs, SMALL_FIGURES, setup, notes)
     s = result["summary"]
     go_cpu, one_cpu = get(s, "b", "cpu_us_per_req"), get(s, "c", "cpu_us_per_req")
     one_rps, two_rps = get(s, "c", "rps"), get(s, "d", "rps")
-    targets = [
-        Target(
-            "1 worker: CPU per request ≤ 3× the Go reference's (µs)",
-            one_cpu,
-            3 * go_cpu if go_cpu else None,
-            "medians",
-            ",.0f",
-        ),
-        Target(
-            "2 workers: throughput ≥ 1.7× 1 worker (req/s)",
-            two_rps,
-            1.7 * one_rps if one_rps else None,
-            "medians"
-            + ("; the 2 workers share a CPU with the load on this machine" if ctx.layout.shared_2w else ""),
-            ",.0f",
-            below=False,
-        ),
-    ]
+    targets = []
+    if not ctx.tls:
+        targets = [
+            Target(
+                "1 worker: CPU per request ≤ 3× the Go reference's (µs)",
+                one_cpu,
+                3 * go_cpu if go_cpu else None,
+                "medians",
+                ",.0f",
+            ),
+            Target(
+                "2 workers: throughput ≥ 1.7× 1 worker (req/s)",
+                two_rps,
+                1.7 * one_rps if one_rps else None,
+                "medians"
+                + (
+                    "; the 2 workers share a CPU with the load on this machine"
+                    if ctx.layout.shared_2w
+                    else ""
+                ),
+                ",.0f",
+                below=False,
+            ),
+        ]
     direct = get(s, "a", "rps")
     fastest = max((get(s, k, "rps") or 0) for k in "bcd")
     if direct and fastest:
@@ -292,11 +346,45 @@ def small(ctx: Context) -> tuple[dict, list[Figure], list[Target]]:
                 else " (not the bottleneck)"
             )
         )
+    notes += plain_vs_tls(ctx, name, s, "small", [("cpu_us_per_req", "CPU per request", "µs", ",.0f")])
+    ctx.summaries[name] = s
     return result, SMALL_FIGURES, targets
 
 
-class Skip(Exception):
-    """The scenario cannot run on this machine; the message says why."""
+def tls_setup(ctx: Context) -> list[str]:
+    if not ctx.tls:
+        return []
+    return [
+        f"upstream over HTTPS: {ctx.upstream.api_url} (HTTP/1.1, TLS 1.3, an ECDSA P-256 certificate for "
+        "the IP 127.0.0.1 issued by a CA made at the start of the run); the Go reference trusts it through "
+        "SSL_CERT_FILE, our proxy through UPSTREAM_CA_BUNDLE; clients reach the proxies over plain HTTP "
+        "(direct: over HTTPS)",
+        f"the upstream closes connections idle for {Upstream.IDLE_TIMEOUT_TLS:g} s and runs are further "
+        "apart: every run starts with no pooled upstream connection, so its TLS handshakes are in it",
+    ]
+
+
+def plain_vs_tls(
+    ctx: Context, name: str, summary: dict, plain: str, keys: list[tuple[str, str, str, str]]
+) -> list[str]:
+    """Notes comparing an HTTPS scenario with its plain one when both ran in this invocation."""
+    if not ctx.tls or plain not in ctx.summaries:
+        return []
+    base = ctx.summaries[plain]
+    labels = {"a": "direct", "b": "Go", "c": "1 worker", "d": "2 workers"}
+    notes = []
+    for key, what, unit, fmt in keys:
+        parts = []
+        for peer, label in labels.items():
+            tls_value, plain_value = get(summary, peer, key), get(base, peer, key)
+            if tls_value is not None and plain_value:
+                parts.append(
+                    f"{label} {format(tls_value, fmt)} vs {format(plain_value, fmt)} "
+                    f"(×{tls_value / plain_value:.2f})"
+                )
+        if parts:
+            notes.append(f"{what} ({unit}), HTTPS vs plain `{plain}` of this invocation: " + "; ".join(parts))
+    return notes
 
 
 # ---------------------------------------------------------------------------- stream1000
@@ -317,72 +405,8 @@ STREAM_FIGURES = [
 
 
 def stream1000(ctx: Context) -> tuple[dict, list[Figure], list[Target]]:
-    name = "stream1000"
     shape = {"streams": 200, "rounds": 1} if ctx.quick else {"streams": 1000, "rounds": 3}
-    shape.update(events=50, interval_ms=50, ramp_ms=1000)
-    title = (
-        f"{shape['streams']:,} concurrent SSE streams × {shape['rounds']} round(s), {shape['events']} events "
-        f"each at {shape['interval_ms']} ms (bench/peers/sseload.go)"
-    )
-    if not ctx.box.have_go:
-        raise Skip(
-            "needs Go for the streaming load generator and the upstream's timestamped events: "
-            "install with `apt-get install golang-go`"
-        )
-    notes: list[str] = []
-    peers = start_peers(ctx, name, notes)
-    try:
-
-        def measure(peer: Peer, index: int, runs) -> dict:
-            meter = Meter(peer, notes, ctx.upstream)
-            out = load.run_sseload(ctx.box, ctx.layout, peer.url, BENCH_TOKEN, **shape)
-            used = meter.done()
-            res = {
-                "streams": out["streams"],
-                "failed": out["failed"],
-                "errors": out["errors"],
-                "events": out["events"],
-                "events_expected": out["events_expected"],
-                "ttfe_p50_ms": out["ttfe_ms"].get("p50"),
-                "ttfe_p99_ms": out["ttfe_ms"].get("p99"),
-                "delay_p50_ms": out["delay_ms"].get("p50"),
-                "delay_p99_ms": out["delay_ms"].get("p99"),
-                "delay_max_ms": out["delay_ms"].get("max"),
-                "wall_s": out["wall_s"],
-                "cpu_s": used["cpu_s"],
-                "cpu_pct": used["cpu_s"] / out["wall_s"] * 100,
-                "peak_rss_mb": used["peak_rss_mb"],
-            }
-            load_side(res, used["upstream_cpu_s"], out.get("cpu_s", 0.0), out["wall_s"])
-            direct = runs.get("a", [])
-            if peer.key != "a" and len(direct) > index and "delay_p50_ms" in direct[index]:
-                base = direct[index]
-                if res["delay_p50_ms"] is not None and base["delay_p50_ms"] is not None:
-                    res["added_p50_ms"] = res["delay_p50_ms"] - base["delay_p50_ms"]
-                    res["added_p99_ms"] = res["delay_p99_ms"] - base["delay_p99_ms"]
-            say(
-                f"    failed {res['failed']}/{res['streams']}, delay p50 {res['delay_p50_ms'] or 0:.2f} "
-                f"p99 {res['delay_p99_ms'] or 0:.2f} max {res['delay_max_ms'] or 0:.1f} ms, "
-                f"CPU {res['cpu_pct']:.0f}%, peak RSS {res['peak_rss_mb'] or 0:.1f} MB"
-            )
-            return res
-
-        runs = interleave(ctx, peers, measure, notes, pause=2.0)
-        saturation_notes(ctx, peers, runs, notes)
-    finally:
-        stop_peers(peers)
-    setup = [
-        f"each of the {shape['streams']:,} streams starts within the first {shape['ramp_ms']} ms "
-        "(spread evenly, so they are not all in phase); a worker runs its rounds one after the other "
-        "on its keep-alive connection",
-        "event delay = arrival at the client − the upstream's send timestamp (t_sent in the event); "
-        "added delay = a peer's percentile − direct's percentile of the same round",
-        "a stream fails on any error, a non-200 status, a missing event or a missing [DONE]",
-        "CPU % = CPU seconds over the load's wall time × 100 (2 workers: summed); peak RSS = VmHWM reset "
-        "before each run (clear_refs), the largest worker's",
-    ]
-    result = result_dict(name, title, ctx, peers, runs, STREAM_FIGURES, setup, notes)
-    s = result["summary"]
+    result, s = _stream(ctx, "stream1000", shape)
     go_added, go_cpu = get(s, "b", "added_p99_ms"), get(s, "b", "cpu_pct")
     targets = [
         Target("1 worker: 0 failed streams", get(s, "c", "failed", "max"), 0, "worst run", ",.0f"),
@@ -403,6 +427,148 @@ def stream1000(ctx: Context) -> tuple[dict, list[Figure], list[Target]]:
         Target("1 worker: peak RSS ≤ 100 MB", get(s, "c", "peak_rss_mb", "max"), 100, "worst run", ",.1f"),
     ]
     return result, STREAM_FIGURES, targets
+
+
+def stream1000_tls(ctx: Context) -> tuple[dict, list[Figure], list[Target]]:
+    """Issue 10: 1,000 concurrent streams with the upstream over HTTPS, the same shape as stream1000."""
+    shape = {"streams": 200, "rounds": 1} if ctx.quick else {"streams": 1000, "rounds": 3}
+    result, s = _stream(over_tls(ctx), "stream1000-tls", shape, plain="stream1000")
+    return result, STREAM_FIGURES, tls_stream_targets(s)
+
+
+def stream300_tls(ctx: Context) -> tuple[dict, list[Figure], list[Target]]:
+    """300 streams over HTTPS, one round: every stream opens a new upstream TLS connection."""
+    shape = {"streams": 100 if ctx.quick else 300, "rounds": 1}
+    result, _ = _stream(over_tls(ctx), "stream300-tls", shape)
+    return result, STREAM_FIGURES, []  # issue 10 sets its targets at 1,000 streams
+
+
+def tls_stream_targets(s: dict) -> list[Target]:
+    """Issue 10's targets for 1,000 concurrent TLS streams, one worker (medians against Go's)."""
+    go_ttfe, go_delay = get(s, "b", "ttfe_p99_ms"), get(s, "b", "delay_p99_ms")
+    go_cpu, go_rss = get(s, "b", "cpu_pct"), get(s, "b", "peak_rss_mb")
+    tag = " (issue 10)"
+    return [
+        Target("1 worker: 0 failed streams" + tag, get(s, "c", "failed", "max"), 0, "worst run", ",.0f"),
+        Target(
+            "1 worker: time to first event p99 ≤ 2× Go's (ms)" + tag,
+            get(s, "c", "ttfe_p99_ms"),
+            2 * go_ttfe if go_ttfe is not None else None,
+            "medians",
+            ",.1f",
+        ),
+        Target(
+            "1 worker: event delay p99 ≤ Go's + 10 ms" + tag,
+            get(s, "c", "delay_p99_ms"),
+            go_delay + 10 if go_delay is not None else None,
+            "medians",
+            ",.2f",
+        ),
+        Target(
+            "1 worker: CPU ≤ 2× Go's (% of a core)" + tag,
+            get(s, "c", "cpu_pct"),
+            2 * go_cpu if go_cpu is not None else None,
+            "medians",
+            ",.0f",
+        ),
+        Target(
+            "1 worker: peak RSS ≤ 1.5× Go's (MB)" + tag,
+            get(s, "c", "peak_rss_mb"),
+            1.5 * go_rss if go_rss is not None else None,
+            "medians",
+            ",.1f",
+        ),
+    ]
+
+
+def stream_figures(out: dict, used: dict) -> dict:
+    """One sseload result + the peer's meter → a run's figures."""
+    return {
+        "streams": out["streams"],
+        "failed": out["failed"],
+        "errors": out["errors"],
+        "events": out["events"],
+        "events_expected": out["events_expected"],
+        "ttfe_p50_ms": out["ttfe_ms"].get("p50"),
+        "ttfe_p99_ms": out["ttfe_ms"].get("p99"),
+        "delay_p50_ms": out["delay_ms"].get("p50"),
+        "delay_p99_ms": out["delay_ms"].get("p99"),
+        "delay_max_ms": out["delay_ms"].get("max"),
+        "wall_s": out["wall_s"],
+        "cpu_s": used["cpu_s"],
+        "cpu_pct": used["cpu_s"] / out["wall_s"] * 100,
+        "peak_rss_mb": used["peak_rss_mb"],
+    }
+
+
+def _stream(ctx: Context, name: str, shape: dict, plain: str = "") -> tuple[dict, dict]:
+    shape = {**shape, "events": 50, "interval_ms": 50, "ramp_ms": 1000}
+    title = (
+        f"{shape['streams']:,} concurrent SSE streams × {shape['rounds']} round(s), {shape['events']} events "
+        f"each at {shape['interval_ms']} ms (bench/peers/sseload.go)"
+        + (", upstream over HTTPS" if ctx.tls else "")
+    )
+    if not ctx.box.have_go:
+        raise Skip(
+            "needs Go for the streaming load generator and the upstream's timestamped events: "
+            "install with `apt-get install golang-go`"
+        )
+    notes: list[str] = []
+    peers = start_peers(ctx, name, notes)
+    try:
+
+        def measure(peer: Peer, index: int, runs) -> dict:
+            meter = Meter(peer, notes, ctx.upstream)
+            out = load.run_sseload(ctx.box, ctx.layout, peer.url, BENCH_TOKEN, ca=peer.client_ca, **shape)
+            used = meter.done()
+            res = stream_figures(out, used)
+            load_side(res, used["upstream_cpu_s"], out.get("cpu_s", 0.0), out["wall_s"])
+            direct = runs.get("a", [])
+            if peer.key != "a" and len(direct) > index and "delay_p50_ms" in direct[index]:
+                base = direct[index]
+                if res["delay_p50_ms"] is not None and base["delay_p50_ms"] is not None:
+                    res["added_p50_ms"] = res["delay_p50_ms"] - base["delay_p50_ms"]
+                    res["added_p99_ms"] = res["delay_p99_ms"] - base["delay_p99_ms"]
+            say(
+                f"    failed {res['failed']}/{res['streams']}, "
+                f"first event p99 {res['ttfe_p99_ms'] or 0:.1f} ms, "
+                f"delay p50 {res['delay_p50_ms'] or 0:.2f} "
+                f"p99 {res['delay_p99_ms'] or 0:.2f} max {res['delay_max_ms'] or 0:.1f} ms, "
+                f"CPU {res['cpu_pct']:.0f}%, peak RSS {res['peak_rss_mb'] or 0:.1f} MB"
+            )
+            return res
+
+        runs = interleave(ctx, peers, measure, notes, pause=run_pause(ctx, 2.0))
+        saturation_notes(ctx, peers, runs, notes)
+    finally:
+        stop_peers(peers)
+    setup = [
+        f"each of the {shape['streams']:,} streams starts within the first {shape['ramp_ms']} ms "
+        "(spread evenly, so they are not all in phase); a worker runs its rounds one after the other "
+        "on its keep-alive connection",
+        "event delay = arrival at the client − the upstream's send timestamp (t_sent in the event); "
+        "added delay = a peer's percentile − direct's percentile of the same round",
+        "a stream fails on any error, a non-200 status, a missing event or a missing [DONE]",
+        "CPU % = CPU seconds over the load's wall time × 100 (2 workers: summed); peak RSS = VmHWM reset "
+        "before each run (clear_refs), the largest worker's",
+        *tls_setup(ctx),
+    ]
+    result = result_dict(name, title, ctx, peers, runs, STREAM_FIGURES, setup, notes)
+    s = result["summary"]
+    if plain:
+        notes += plain_vs_tls(
+            ctx,
+            name,
+            s,
+            plain,
+            [
+                ("ttfe_p99_ms", "time to first event p99", "ms", ",.1f"),
+                ("delay_p99_ms", "event delay p99", "ms", ",.2f"),
+                ("cpu_pct", "CPU", "% of a core", ",.0f"),
+            ],
+        )
+    ctx.summaries[name] = s
+    return result, s
 
 
 # ---------------------------------------------------------------------------- reload
@@ -558,4 +724,12 @@ def reload(ctx: Context) -> tuple[dict, list[Figure], list[Target]]:
     return result, RELOAD_FIGURES, targets
 
 
-SCENARIOS = {"small": small, "stream1000": stream1000, "reload": reload}
+# In the order ``all`` runs them: each HTTPS variant right after its plain one.
+SCENARIOS = {
+    "small": small,
+    "small-tls": small_tls,
+    "stream1000": stream1000,
+    "stream1000-tls": stream1000_tls,
+    "stream300-tls": stream300_tls,
+    "reload": reload,
+}
