@@ -16,6 +16,7 @@ SCENARIOS = (
     "stream1000",
     "stream1000-tls",
     "stream300-tls",
+    "tlsconn",
     "reload",
 )
 GO = "b"

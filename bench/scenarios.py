@@ -1,6 +1,6 @@
 """The scenarios. Each starts its peers, runs every peer once per round in the order a, b, c, d
 (rounds interleaved, so a drift of the machine hits every peer alike), stops them, and returns the
-result dict that bench/report.py writes. The ``-tls`` variants do the same against
+result dict that bench/report.py writes. The ``-tls`` variants (and ``tlsconn``) do the same against
 the fake upstream over HTTPS (a second upstream process, started on first use)."""
 
 from __future__ import annotations
@@ -571,6 +571,112 @@ def _stream(ctx: Context, name: str, shape: dict, plain: str = "") -> tuple[dict
     return result, s
 
 
+# ---------------------------------------------------------------------------- tlsconn
+
+TLSCONN_FIGURES = [
+    Figure("reuse_rps", "throughput, upstream connections reused (req/s)", ",.0f"),
+    Figure("reuse_cpu_us", "CPU per request, upstream connections reused (µs)", ",.0f"),
+    Figure("close_rps", "throughput, a new upstream TLS connection per request (req/s)", ",.0f"),
+    Figure("close_cpu_us", "CPU per request, a new upstream TLS connection per request (µs)", ",.0f"),
+    Figure(
+        "conns_per_req", "new upstream connections per request (counted by the upstream)", ",.2f", ratio=False
+    ),
+    Figure(
+        "cpu_per_conn_us", "CPU per new upstream TLS connection (µs): the difference, per connection", ",.0f"
+    ),
+    Figure("errors", "non-2xx + socket errors (both loads)", ",.0f", ratio=False),
+]
+
+
+def tlsconn(ctx: Context) -> tuple[dict, list[Figure], list[Target]]:
+    """Issue 10: the CPU a proxy spends per new upstream TLS connection, beside Go's.
+
+    Per peer and run, two wrk loads of the same shape: one with upstream connections reused
+    (keep-alive), one where every request carries X-Bench-Close: 1, which the upstream answers with
+    Connection: close, so each request costs the proxy a new upstream TLS connection (the upstream
+    counts them). CPU per new connection = (CPU of the second load − requests × CPU per request of
+    the first) / new connections."""
+    name = "tlsconn"
+    ctx = over_tls(ctx)
+    if ctx.box.wrk is None:
+        raise Skip("wrk not found: install with `apt-get install wrk`")
+    duration = 1 if ctx.quick else 3
+    connections = 8
+    title = (
+        f"CPU per new upstream TLS connection: {connections} client connections, {duration} s with upstream "
+        f"connections reused, then {duration} s with a new upstream TLS connection per request (wrk)"
+    )
+    notes: list[str] = []
+    peers = start_peers(ctx, name, notes, keys="bcd")
+    try:
+        for peer in peers.values():  # warm-up, not recorded: code paths hot
+            load.run_wrk(ctx.box, ctx.layout, peer.url, BENCH_TOKEN, 1, connections)
+
+        def one_load(peer: Peer, close: bool) -> dict:
+            meter = Meter(peer, notes, ctx.upstream)
+            before = ctx.upstream.stats()
+            res = load.run_wrk(
+                ctx.box, ctx.layout, peer.url, BENCH_TOKEN, duration, connections, close_upstream=close
+            )
+            after = ctx.upstream.stats()
+            used = meter.done()
+            res["cpu_s"] = used["cpu_s"]
+            res["conns"] = after["conns"] - before["conns"]
+            res["upstream_requests"] = after["requests"] - before["requests"]
+            return res
+
+        def measure(peer: Peer, index: int, runs) -> dict:
+            reuse = one_load(peer, close=False)
+            time.sleep(0.2)
+            close = one_load(peer, close=True)
+            res: dict = {"reuse": reuse, "close": close}
+            res["errors"] = sum(x["non2xx"] + x["socket_errors"] for x in (reuse, close))
+            res["reuse_rps"], res["close_rps"] = reuse["rps"], close["rps"]
+            if reuse["requests"]:
+                res["reuse_cpu_us"] = reuse["cpu_s"] / reuse["requests"] * 1e6
+            if close["requests"]:
+                res["close_cpu_us"] = close["cpu_s"] / close["requests"] * 1e6
+                res["conns_per_req"] = close["conns"] / close["requests"]
+            if close["conns"] and "reuse_cpu_us" in res:
+                extra = close["cpu_s"] - close["requests"] * res["reuse_cpu_us"] / 1e6
+                res["cpu_per_conn_us"] = extra / close["conns"] * 1e6
+            say(
+                f"    reused: {reuse['rps']:,.0f} req/s, {res.get('reuse_cpu_us') or 0:,.0f} µs/req; "
+                f"new connection each: {close['rps']:,.0f} req/s, "
+                f"{res.get('close_cpu_us') or 0:,.0f} µs/req, "
+                f"{close['conns']:,} connections for {close['requests']:,} requests → "
+                f"{res.get('cpu_per_conn_us') or 0:,.0f} µs per connection; errors {res['errors']}"
+            )
+            return res
+
+        runs = interleave(ctx, peers, measure, notes, pause=run_pause(ctx, 0.5))
+    finally:
+        stop_peers(peers)
+    setup = [
+        "each run: wrk with the upstream's connections reused (keep-alive), then the same with "
+        "X-Bench-Close: 1 on every request, which the upstream answers with Connection: close "
+        "(the proxies keep the client connection; each request opens a new upstream TLS connection)",
+        "new connections: counted by the upstream (accepted connections); CPU: utime+stime of the "
+        "proxy's process(es) from /proc over each load",
+        "CPU per new upstream TLS connection = (CPU of the second load − its requests × the first load's "
+        "CPU per request) / new connections: the handshake, certificate verification, socket set-up "
+        "and teardown",
+        *tls_setup(ctx),
+    ]
+    result = result_dict(name, title, ctx, peers, runs, TLSCONN_FIGURES, setup, notes)
+    s = result["summary"]
+    for key, peer in peers.items():
+        ratio = get(s, key, "conns_per_req")
+        if ratio is not None and ratio < 0.9:
+            notes.append(
+                f"{peer.label}: only {ratio:.2f} new upstream connections per request in the second load: "
+                "the per-connection figure is not what it claims"
+            )
+    ctx.summaries[name] = s
+    # No target in issue 10: the figure is reported beside Go's (the ratio column).
+    return result, TLSCONN_FIGURES, []
+
+
 # ---------------------------------------------------------------------------- reload
 
 RELOAD_FIGURES = [
@@ -731,5 +837,6 @@ SCENARIOS = {
     "stream1000": stream1000,
     "stream1000-tls": stream1000_tls,
     "stream300-tls": stream300_tls,
+    "tlsconn": tlsconn,
     "reload": reload,
 }
