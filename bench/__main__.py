@@ -31,6 +31,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--runs", type=int, default=3, help="interleaved runs per figure (default 3, minimum 1)"
     )
+    parser.add_argument(
+        "--ladder-tls",
+        action="store_true",
+        help="`all` also runs the capacity ladder over HTTPS (ladder-tls, ~5 more minutes)",
+    )
     parser.add_argument("--peers", default="abcd", help="subset of peers a b c d (default all)")
     parser.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")
     parser.add_argument(
@@ -63,7 +68,14 @@ def _terminate(signum, frame):  # SIGTERM: unwind through the finally blocks tha
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, _terminate)
-    names = list(scenarios.SCENARIOS) if args.scenario == "all" else [args.scenario]
+    if args.scenario == "all":
+        names = [
+            name
+            for name in scenarios.SCENARIOS
+            if name not in scenarios.NOT_IN_ALL or (name == "ladder-tls" and args.ladder_tls)
+        ]
+    else:
+        names = [args.scenario]
     runs = args.runs
     layout = cpu_layout(disable=args.no_pin)
     if layout.pinned:

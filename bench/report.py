@@ -18,6 +18,8 @@ SCENARIOS = (
     "stream300-tls",
     "tlsconn",
     "reload",
+    "ladder",
+    "ladder-tls",
 )
 GO = "b"
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import os
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -677,6 +678,238 @@ def tlsconn(ctx: Context) -> tuple[dict, list[Figure], list[Target]]:
     return result, TLSCONN_FIGURES, []
 
 
+# ---------------------------------------------------------------------------- ladder
+
+LADDER_LEVELS = (250, 500, 1000, 2000)
+LADDER_LEVELS_QUICK = (100, 200)
+HOLD_ADDED_P99_MS = 50.0
+HOLD_TTFE_P99_MS = 500.0
+LADDER_TARGET = 1000  # issue 12: one worker holds at least this many streams
+LADDER_KEYS = (
+    ("failed", "failed streams", ",.0f", False),
+    ("ttfe_p99_ms", "time to first event p99 (ms)", ",.1f", True),
+    ("delay_p99_ms", "event delay p99 (ms)", ",.2f", True),
+    ("added_p99_ms", "added delay p99 over direct (ms)", ",.2f", True),
+    ("cpu_pct", "CPU (% of one core)", ",.0f", True),
+)
+
+
+def ladder_figures(levels: tuple[int, ...]) -> list[Figure]:
+    figures = [
+        Figure(f"n{level}_{key}", f"{level:,} streams: {label}", fmt, ratio)
+        for level in levels
+        for key, label, fmt, ratio in LADDER_KEYS
+    ]
+    return [*figures, Figure("largest_held", "largest number of streams held", ",.0f")]
+
+
+def ladder(ctx: Context) -> tuple[dict, list[Figure], list[Target]]:
+    return _ladder(ctx, "ladder")
+
+
+def ladder_tls(ctx: Context) -> tuple[dict, list[Figure], list[Target]]:
+    return _ladder(over_tls(ctx), "ladder-tls")
+
+
+def _held(stats: list[dict], key: str) -> tuple[bool, str]:
+    """Whether a peer held a level (over that level's runs), and why not."""
+    if not stats or any("error" in run for run in stats):
+        return False, "a run failed"
+    failed = max(run["failed"] for run in stats)
+    ttfe = statistics.median(run["ttfe_p99_ms"] or 0 for run in stats)
+    delay_key = "added_p99_ms" if key != "a" and all("added_p99_ms" in run for run in stats) else None
+    why = []
+    if failed:
+        why.append(f"{failed} failed")
+    if ttfe > HOLD_TTFE_P99_MS:
+        why.append(f"first event p99 {ttfe:,.0f} ms")
+    if delay_key:
+        added = statistics.median(run[delay_key] for run in stats)
+        if added > HOLD_ADDED_P99_MS:
+            why.append(f"added delay p99 {added:,.1f} ms")
+    elif key != "a":
+        delay = statistics.median(run["delay_p99_ms"] or 0 for run in stats)
+        if delay > HOLD_ADDED_P99_MS:
+            why.append(f"event delay p99 {delay:,.1f} ms (no direct baseline)")
+    return not why, ", ".join(why)
+
+
+def _ladder(ctx: Context, name: str) -> tuple[dict, list[Figure], list[Target]]:
+    """Issue 12: the largest number of concurrent streams (20 events/s each) one worker holds."""
+    levels = LADDER_LEVELS_QUICK if ctx.quick else LADDER_LEVELS
+    shape = {
+        "rounds": 1,
+        "events": 20 if ctx.quick else 50,
+        "interval_ms": 50,
+        "ramp_ms": 1000 if ctx.quick else 2000,
+    }
+    title = (
+        f"capacity ladder: {', '.join(f'{n:,}' for n in levels)} concurrent SSE streams, "
+        f"{shape['events']} events each at {shape['interval_ms']} ms, starting over {shape['ramp_ms']} ms"
+        + (", upstream over HTTPS" if ctx.tls else "")
+    )
+    if not ctx.box.have_go:
+        raise Skip("needs Go for the streaming load generator: install with `apt-get install golang-go`")
+    figures = ladder_figures(levels)
+    notes: list[str] = []
+    peers = start_peers(ctx, name, notes, keys="abc")
+    runs: dict[str, list[dict]] = {key: [] for key in peers}
+    verdicts: dict[str, dict[int, tuple[bool, str]]] = {key: {} for key in peers}
+    missed: dict[str, int] = {}  # peer -> the level it missed (not run further up)
+    try:
+        for level in levels:
+            active = [key for key in peers if key not in missed]
+            if not any(key != "a" for key in active) and len(peers) > 1:
+                break  # only the baseline left
+            for index in range(ctx.runs):
+                for key in active:
+                    peer = peers[key]
+                    say(f"  {level:,} streams, run {index + 1}/{ctx.runs}: {peer.label}")
+                    try:
+                        res = _ladder_run(ctx, peer, level, shape, runs, index, notes)
+                    except Exception as exc:
+                        say(f"    FAILED: {exc}")
+                        res = {"level": level, "run": index, "error": str(exc)[:2000]}
+                        notes.append(
+                            f"{peer.label}, {level:,} streams, run {index + 1} failed: "
+                            f"{str(exc).splitlines()[0][:300]}"
+                        )
+                    runs[key].append(res)
+                    time.sleep(run_pause(ctx, 2.0))
+            for key in active:
+                stats = [run for run in runs[key] if run["level"] == level]
+                verdicts[key][level] = _held(stats, key)
+                ok, why = verdicts[key][level]
+                say(f"  {peers[key].label}: {level:,} streams {'held' if ok else 'NOT held: ' + why}")
+                if not ok and key != "a":
+                    missed[key] = level
+        saturation_notes(
+            ctx, peers, {k: [r for r in v if "load_cpu_pct" in r] for k, v in runs.items()}, notes
+        )
+    finally:
+        stop_peers(peers)
+    # Each level's figures under its own keys, so that the summary is per level.
+    flat = {
+        key: [
+            {
+                f"n{run['level']}_{k}": v
+                for k, v in run.items()
+                if isinstance(v, (int, float)) and k not in ("level", "run")
+            }
+            for run in peer_runs
+        ]
+        for key, peer_runs in runs.items()
+    }
+    setup = [
+        f"a peer holds a level when, over that level's runs: no stream failed, the median of the time to "
+        f"first event p99 ≤ {HOLD_TTFE_P99_MS:,.0f} ms and the median of the added delay p99 (over direct, "
+        f"same level and run) ≤ {HOLD_ADDED_P99_MS:,.0f} ms (direct: the first two only)",
+        "levels from the smallest up; a peer that does not hold a level is not run at the larger ones; "
+        "largest held = the largest level held with every smaller one held too (0: none)",
+        "one round per stream (a new client connection each); the streams start evenly over the ramp; "
+        "CPU % = CPU seconds over the load's wall time × 100",
+        *tls_setup(ctx),
+    ]
+    result = result_dict(name, title, ctx, peers, flat, figures, setup, notes)
+    result["runs_by_level"] = runs
+    s = result["summary"]
+    largest: dict[str, int] = {}
+    for key in peers:
+        largest[key] = 0
+        for level in levels:
+            if verdicts[key].get(level, (False, ""))[0]:
+                largest[key] = level
+            else:
+                break
+        s[key]["largest_held"] = {"median": largest[key], "min": largest[key], "max": largest[key], "n": 1}
+    go = largest.get("b")
+    for key in peers:
+        if key != "b" and go:
+            s[key]["largest_held"]["ratio_to_go"] = largest[key] / go
+    result["verdicts"] = {
+        k: {str(lv): {"held": ok, "why": why} for lv, (ok, why) in v.items()} for k, v in verdicts.items()
+    }
+    result["extra_md"] = _ladder_table(peers, levels, verdicts, largest, s, missed)
+    value = largest.get("c")
+    quick_note = "; the --quick ladder stops below it" if ctx.quick else ""
+    targets = [
+        Target(
+            f"1 worker: largest number of streams held ≥ {LADDER_TARGET:,} (issue 12)",
+            None if ctx.quick else value,
+            LADDER_TARGET,
+            f"added delay p99 ≤ {HOLD_ADDED_P99_MS:.0f} ms, first event p99 ≤ {HOLD_TTFE_P99_MS:.0f} ms, "
+            f"0 failed{quick_note}",
+            ",.0f",
+            below=False,
+        )
+    ]
+    if ctx.quick and value is not None:
+        notes.append(f"quick run: 1 worker held {value:,} of the quick levels {', '.join(map(str, levels))}")
+    ctx.summaries[name] = s
+    return result, figures, targets
+
+
+def _ladder_run(
+    ctx: Context, peer: Peer, level: int, shape: dict, runs: dict, index: int, notes: list[str]
+) -> dict:
+    meter = Meter(peer, notes, ctx.upstream)
+    out = load.run_sseload(
+        ctx.box, ctx.layout, peer.url, BENCH_TOKEN, ca=peer.client_ca, streams=level, **shape
+    )
+    used = meter.done()
+    res = {"level": level, "run": index, **stream_figures(out, used)}
+    load_side(res, used["upstream_cpu_s"], out.get("cpu_s", 0.0), out["wall_s"])
+    base = next(
+        (r for r in runs.get("a", []) if r["level"] == level and r["run"] == index and "delay_p99_ms" in r),
+        None,
+    )
+    if peer.key != "a" and base and res["delay_p99_ms"] is not None and base["delay_p99_ms"] is not None:
+        res["added_p99_ms"] = res["delay_p99_ms"] - base["delay_p99_ms"]
+    say(
+        f"    failed {res['failed']}/{res['streams']}, first event p99 {res['ttfe_p99_ms'] or 0:.1f} ms, "
+        f"delay p99 {res['delay_p99_ms'] or 0:.2f} ms"
+        + (f" (added {res['added_p99_ms']:.2f})" if "added_p99_ms" in res else "")
+        + f", CPU {res['cpu_pct']:.0f}%"
+    )
+    return res
+
+
+def _ladder_table(
+    peers: dict[str, Peer],
+    levels: tuple[int, ...],
+    verdicts: dict[str, dict[int, tuple[bool, str]]],
+    largest: dict[str, int],
+    summary: dict,
+    missed: dict[str, int],
+) -> str:
+    lines = [
+        "| streams | " + " | ".join(peer.label for peer in peers.values()) + " |",
+        "|---" * (len(peers) + 1) + "|",
+    ]
+    for level in levels:
+        cells = []
+        for key in peers:
+            if level not in verdicts[key]:
+                below = missed.get(key)
+                cells.append(f"not run (missed {below:,})" if below else "not run")
+                continue
+            ok, why = verdicts[key][level]
+            ttfe = get(summary, key, f"n{level}_ttfe_p99_ms")
+            added = get(summary, key, f"n{level}_added_p99_ms")
+            detail = [f"first event p99 {ttfe:,.0f} ms"] if ttfe is not None else []
+            if added is not None:
+                detail.append(f"added p99 {added:+,.1f} ms")
+            text = "held" if ok else f"**not held** ({why})"
+            cells.append(text + (": " + ", ".join(detail) if ok and detail else ""))
+        lines.append(f"| {level:,} | " + " | ".join(cells) + " |")
+    lines.append(
+        "| **largest held** | "
+        + " | ".join(f"**{largest[k]:,}**" if largest[k] else f"**none** (< {levels[0]:,})" for k in peers)
+        + " |"
+    )
+    return "\n".join(lines) + "\n"
+
+
 # ---------------------------------------------------------------------------- reload
 
 RELOAD_FIGURES = [
@@ -839,4 +1072,7 @@ SCENARIOS = {
     "stream300-tls": stream300_tls,
     "tlsconn": tlsconn,
     "reload": reload,
+    "ladder": ladder,
+    "ladder-tls": ladder_tls,
 }
+NOT_IN_ALL = ("ladder-tls",)  # `all` runs it only with --ladder-tls (it adds ~5 minutes)
