@@ -29,7 +29,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--quick", action="store_true", help="short loads (a smoke run; figures not comparable)"
     )
     parser.add_argument(
-        "--runs", type=int, default=3, help="interleaved runs per figure (default 3, minimum 1)"
+        "--runs",
+        type=int,
+        default=None,
+        help="interleaved runs per figure (default 3; with --quick 1; minimum 1)",
     )
     parser.add_argument(
         "--ladder-tls",
@@ -76,7 +79,7 @@ def main(argv: list[str]) -> int:
         ]
     else:
         names = [args.scenario]
-    runs = args.runs
+    runs = args.runs if args.runs is not None else (1 if args.quick else 3)
     layout = cpu_layout(disable=args.no_pin)
     if layout.pinned:
         os.sched_setaffinity(0, layout.load)  # the harness itself stays off the proxy's CPU
