@@ -239,11 +239,12 @@ class Upstream:
 
 
 def _error_of(line: str) -> str:
-    """The "error" field of a JSON log line (an access line), else the line."""
+    """The "error" field of a JSON log line (an access line of a failed request), or ""."""
     try:
-        return str(json.loads(line[line.index("{") :]).get("error") or line)
-    except (ValueError, AttributeError):
-        return line
+        entry = json.loads(line[line.index("{") :])
+    except ValueError:
+        return ""
+    return str(entry.get("error") or "") if isinstance(entry, dict) else ""
 
 
 def ca_env(tls: TlsFiles | None) -> dict[str, str]:
@@ -299,13 +300,10 @@ class Peer:
         if status != 200:
             hint = ""
             if self.proc and status == 502:
-                lines = [
-                    line.strip()
-                    for line in self.proc.log_tail(200).splitlines()
-                    if "certificate" in line.lower() or "ssl" in line.lower() or "tls" in line.lower()
-                ]
-                if lines:
-                    hint = f" (upstream TLS: {_error_of(lines[-1])[:300]})"
+                errors = [_error_of(line) for line in self.proc.log_tail(200).splitlines()]
+                errors = [e for e in errors if e and ("certificate" in e.lower() or "ssl" in e.lower())]
+                if errors:
+                    hint = f" (upstream TLS: {errors[-1][:300]})"
             raise RuntimeError(f"{self.label}: a test request got {status or 'no answer'}, not 200{hint}")
 
 
