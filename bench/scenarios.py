@@ -503,6 +503,13 @@ def tls_stream_targets(s: dict) -> list[Target]:
     ]
 
 
+def failure_note(notes: list[str], peer: Peer, where: str, res: dict) -> None:
+    """Failed streams: a note with sseload's error counts (e.g. {"unexpected EOF": 1})."""
+    if res["failed"]:
+        errors = ", ".join(f"{text} ×{count}" for text, count in sorted(res["errors"].items()))
+        notes.append(f"{peer.label}, {where}: {res['failed']} failed stream(s): {errors}"[:500])
+
+
 def stream_figures(out: dict, used: dict) -> dict:
     """One sseload result + the peer's meter → a run's figures."""
     return {
@@ -544,6 +551,7 @@ def _stream(ctx: Context, name: str, shape: dict, plain: str = "") -> tuple[dict
             out = load.run_sseload(ctx.box, ctx.layout, peer.url, BENCH_TOKEN, ca=peer.client_ca, **shape)
             used = meter.done()
             res = stream_figures(out, used)
+            failure_note(notes, peer, f"run {index + 1}", res)
             load_side(res, used["upstream_cpu_s"], out.get("cpu_s", 0.0), out["wall_s"])
             direct = runs.get("a", [])
             if peer.key != "a" and len(direct) > index and "delay_p50_ms" in direct[index]:
@@ -879,6 +887,7 @@ def _ladder_run(
     )
     used = meter.done()
     res = {"level": level, "run": index, **stream_figures(out, used)}
+    failure_note(notes, peer, f"{level:,} streams, run {index + 1}", res)
     load_side(res, used["upstream_cpu_s"], out.get("cpu_s", 0.0), out["wall_s"])
     base = next(
         (r for r in runs.get("a", []) if r["level"] == level and r["run"] == index and "delay_p99_ms" in r),
