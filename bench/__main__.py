@@ -1,4 +1,4 @@
-"""``python -m bench [small|stream1000|reload|all] [--quick]``: the benchmark (see bench/README.md).
+"""``python -m bench [SCENARIO|all] [--quick]``: the benchmark (see bench/README.md).
 
 Not part of the test suite. Everything listens on 127.0.0.1; every load stops by itself; only the
 processes started here are stopped, by PID.
@@ -18,6 +18,7 @@ from pathlib import Path
 from bench import report, scenarios
 from bench.peers import Upstream
 from bench.tables import Tables
+from bench.tlsca import TlsFiles, make_certificates
 from bench.tools import cpu_layout, find_tools, say
 
 
@@ -28,7 +29,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--quick", action="store_true", help="short loads (a smoke run; figures not comparable)"
     )
     parser.add_argument(
-        "--runs", type=int, default=3, help="interleaved runs per figure (default 3, minimum 1)"
+        "--runs",
+        type=int,
+        default=None,
+        help="interleaved runs per figure (default 3; with --quick 1; minimum 1)",
+    )
+    parser.add_argument(
+        "--ladder-tls",
+        action="store_true",
+        help="`all` also runs the capacity ladder over HTTPS (ladder-tls, ~5 more minutes)",
     )
     parser.add_argument("--peers", default="abcd", help="subset of peers a b c d (default all)")
     parser.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")
@@ -39,6 +48,22 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def https_upstream(box, layout, workdir: Path, cache: list) -> tuple[Upstream, Tables, TlsFiles]:
+    """The HTTPS fake upstream (a second process), its certificates made on first use; then cached.
+    A failure is cached too (as the exception), so that every HTTPS scenario reports it alike."""
+    if not cache:
+        try:
+            files = make_certificates(workdir / "tls")
+            upstream = Upstream(box, layout, workdir, tls=files)
+            say(f"fake upstream over HTTPS: 127.0.0.1:{upstream.port} (CA {files.ca})")
+            cache.append((upstream, Tables(upstream.api_url), files))
+        except RuntimeError as exc:
+            cache.append(exc)
+    if isinstance(cache[0], Exception):
+        raise RuntimeError(str(cache[0]))
+    return cache[0]
+
+
 def _terminate(signum, frame):  # SIGTERM: unwind through the finally blocks that stop the peers
     raise SystemExit(128 + signum)
 
@@ -46,7 +71,15 @@ def _terminate(signum, frame):  # SIGTERM: unwind through the finally blocks tha
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, _terminate)
-    names = list(scenarios.SCENARIOS) if args.scenario == "all" else [args.scenario]
+    if args.scenario == "all":
+        names = [
+            name
+            for name in scenarios.SCENARIOS
+            if name not in scenarios.NOT_IN_ALL or (name == "ladder-tls" and args.ladder_tls)
+        ]
+    else:
+        names = [args.scenario]
+    runs = args.runs if args.runs is not None else (1 if args.quick else 3)
     layout = cpu_layout(disable=args.no_pin)
     if layout.pinned:
         os.sched_setaffinity(0, layout.load)  # the harness itself stays off the proxy's CPU
@@ -56,6 +89,7 @@ def main(argv: list[str]) -> int:
     failed = False
     done: dict[str, str] = {}
     upstream = None
+    https: list = []  # the HTTPS upstream, started on first use
     began = time.monotonic()
     try:
         upstream = Upstream(box, layout, workdir)
@@ -73,8 +107,9 @@ def main(argv: list[str]) -> int:
             Tables(upstream.api_url),
             upstream,
             args.quick,
-            max(1, args.runs),
+            max(1, runs),
             args.peers,
+            https=lambda: https_upstream(box, layout, workdir, https),
         )
         for name in names:
             say(f"\n== {name}" + (" (quick)" if args.quick else ""))
@@ -107,6 +142,8 @@ def main(argv: list[str]) -> int:
         say(f"interrupted ({type(exc).__name__})")
         return 130
     finally:
+        if https and not isinstance(https[0], Exception):
+            https[0][0].stop()
         if upstream is not None:
             upstream.stop()
         if args.keep or failed:

@@ -16,7 +16,17 @@ from bench.tools import Layout, Toolbox
 LUA = Path(__file__).resolve().parent / "post.lua"
 
 
-def run_wrk(box: Toolbox, layout: Layout, url: str, token: str, duration: float, connections: int) -> dict:
+def run_wrk(
+    box: Toolbox,
+    layout: Layout,
+    url: str,
+    token: str,
+    duration: float,
+    connections: int,
+    close_upstream: bool = False,
+) -> dict:
+    """``close_upstream``: every request carries X-Bench-Close: 1, which the bench upstream answers
+    with Connection: close (so a proxy opens a new upstream connection for each request)."""
     threads = max(1, min(len(layout.load) or 2, 4))
     args = [
         *layout.prefix(layout.load),
@@ -31,7 +41,7 @@ def run_wrk(box: Toolbox, layout: Layout, url: str, token: str, duration: float,
         str(LUA),
         url,
     ]
-    env = {**os.environ, "BENCH_TOKEN": token}
+    env = {**os.environ, "BENCH_TOKEN": token, "BENCH_CLOSE": "1" if close_upstream else ""}
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=duration + 60)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -71,7 +81,9 @@ def sseload_args(
     events: int,
     interval_ms: int,
     ramp_ms: int,
+    ca: Path | None = None,
 ) -> list[str]:
+    """``ca``: the CA sseload trusts for an https:// URL (direct to the HTTPS upstream)."""
     return [
         *layout.prefix(layout.load),
         box.bins["sseload"],
@@ -89,6 +101,7 @@ def sseload_args(
         str(interval_ms),
         "-ramp",
         str(ramp_ms),
+        *(["-ca", str(ca)] if ca else []),
     ]
 
 
@@ -115,8 +128,10 @@ def finish_sseload(proc: subprocess.Popen, timeout: float) -> dict:
         raise RuntimeError(f"sseload gave no result (exit {proc.returncode}): {err.strip()[-500:]}") from None
 
 
-def run_sseload(box: Toolbox, layout: Layout, url: str, token: str, **shape: int) -> dict:
-    proc = start_sseload(sseload_args(box, layout, url, token, **shape))
+def run_sseload(
+    box: Toolbox, layout: Layout, url: str, token: str, ca: Path | None = None, **shape: int
+) -> dict:
+    proc = start_sseload(sseload_args(box, layout, url, token, ca=ca, **shape))
     return finish_sseload(
         proc, expected_seconds(shape["rounds"], shape["events"], shape["interval_ms"], shape["ramp_ms"]) + 90
     )

@@ -9,12 +9,14 @@ Peers, in the order every run visits them:
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import http.client
 import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -22,6 +24,7 @@ from pathlib import Path
 
 from bench import procstat
 from bench.tables import BENCH_TOKEN, Tables
+from bench.tlsca import TlsFiles
 from bench.tools import REPO, Layout, Toolbox, say
 
 PYTHON = (
@@ -58,9 +61,15 @@ def request(
     token: str | None = None,
     body: bytes | None = None,
     timeout: float = 2.0,
+    ca: Path | None = None,
 ) -> int:
-    """One request on a new connection; the status, or 0 when it could not be made."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    """One request on a new connection (HTTPS trusting ``ca`` when given); the status, or 0 when it
+    could not be made."""
+    if ca is None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    else:
+        context = ssl.create_default_context(cafile=str(ca))
+        conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=timeout, context=context)
     headers = {"Content-Type": "application/json"}
     if token:
         headers["Authorization"] = f"Bearer {token}"
@@ -69,7 +78,7 @@ def request(
         response = conn.getresponse()
         response.read()
         return response.status
-    except OSError:
+    except (OSError, http.client.HTTPException):
         return 0
     finally:
         conn.close()
@@ -142,12 +151,21 @@ def wait_until(predicate, timeout: float, what: str, proc: Proc | None = None, i
 
 
 class Upstream:
-    """The fake upstream: bench/peers/upstream.go, or tests/fakes/upstream.py without Go."""
+    """The fake upstream: bench/peers/upstream.go, or tests/fakes/upstream.py without Go.
 
-    def __init__(self, box: Toolbox, layout: Layout, workdir: Path) -> None:
+    With ``tls``: the Go upstream over HTTPS (HTTP/1.1), closing connections idle for
+    ``IDLE_TIMEOUT_TLS``, so that every run of an HTTPS scenario (runs are further apart than
+    that) starts with no pooled upstream connection: each run pays its own TLS handshakes."""
+
+    IDLE_TIMEOUT_TLS = 1.0  # seconds
+
+    def __init__(self, box: Toolbox, layout: Layout, workdir: Path, tls: TlsFiles | None = None) -> None:
         self.port = free_port()
         self.go = box.have_go
+        self.tls = tls
         prefix = layout.prefix(layout.load)
+        if tls is not None and not self.go:
+            raise RuntimeError("the HTTPS upstream needs Go (bench/peers/upstream.go)")
         if self.go:
             args = [
                 *prefix,
@@ -157,7 +175,20 @@ class Upstream:
                 "-parent-pid",
                 str(os.getpid()),
             ]
-            self.kind = "Go (bench/peers/upstream.go)"
+            if tls is not None:
+                args += [
+                    "-tls-cert",
+                    str(tls.cert),
+                    "-tls-key",
+                    str(tls.key),
+                    "-idle-timeout",
+                    f"{self.IDLE_TIMEOUT_TLS}s",
+                ]
+            self.kind = "Go (bench/peers/upstream.go)" + (
+                f", HTTPS (HTTP/1.1, bench CA, idle connections closed after {self.IDLE_TIMEOUT_TLS:g} s)"
+                if tls
+                else ""
+            )
             health = "/_bench/health"
         else:
             args = [
@@ -174,15 +205,51 @@ class Upstream:
                 "Python fallback (tests/fakes/upstream.py, thread per connection: may be the bottleneck)"
             )
             health = "/_fake/health"
-        self.proc = Proc(args, base_env(), workdir / "upstream.log")
-        wait_until(lambda: request(self.port, "GET", health) == 200, 15, "the fake upstream", self.proc)
-        self.api_url = f"http://127.0.0.1:{self.port}/v1"  # the tokens' ai_model_api_url
+        self.ca = tls.ca if tls else None  # what a client of the upstream trusts
+        self._stats_calls = 0
+        self.proc = Proc(args, base_env(), workdir / ("upstream-tls.log" if tls else "upstream.log"))
+        wait_until(
+            lambda: request(self.port, "GET", health, ca=self.ca) == 200, 15, "the fake upstream", self.proc
+        )
+        scheme = "https" if tls else "http"
+        self.api_url = f"{scheme}://127.0.0.1:{self.port}/v1"  # the tokens' ai_model_api_url
+
+    def stats(self) -> dict:
+        """The Go upstream's counters since start: {"conns": accepted connections, "requests": N}."""
+        context = ssl.create_default_context(cafile=str(self.ca)) if self.ca else None
+        conn = (
+            http.client.HTTPSConnection("127.0.0.1", self.port, timeout=5, context=context)
+            if context
+            else http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
+        )
+        try:
+            conn.request("GET", "/_bench/stats")
+            response = conn.getresponse()
+            data = json.loads(response.read())
+        finally:
+            conn.close()
+        self._stats_calls += 1  # each call is a connection of its own: not counted
+        return {"conns": data["conns"] - self._stats_calls, "requests": data["requests"]}
 
     def stop(self) -> None:
         self.proc.stop()
 
 
 # ---------------------------------------------------------------------------- peers
+
+
+def _error_of(line: str) -> str:
+    """The "error" field of a JSON log line (an access line of a failed request), or ""."""
+    try:
+        entry = json.loads(line[line.index("{") :])
+    except ValueError:
+        return ""
+    return str(entry.get("error") or "") if isinstance(entry, dict) else ""
+
+
+def ca_env(tls: TlsFiles | None) -> dict[str, str]:
+    """Our proxy's trust store for the HTTPS upstream (it ignores SSL_CERT_FILE & co. by design)."""
+    return {"UPSTREAM_CA_BUNDLE": str(tls.ca)} if tls else {}
 
 
 class Peer:
@@ -195,6 +262,7 @@ class Peer:
         self.port = 0
         self.proc: Proc | None = None
         self.table_path: Path | None = None
+        self.client_ca: Path | None = None  # set when clients reach this peer over HTTPS (direct)
 
     @property
     def chat_path(self) -> str:
@@ -202,7 +270,8 @@ class Peer:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}{self.chat_path}"
+        scheme = "https" if self.client_ca else "http"
+        return f"{scheme}://127.0.0.1:{self.port}{self.chat_path}"
 
     def pids(self) -> list[int]:
         """The processes whose CPU and memory count as this peer's."""
@@ -212,10 +281,30 @@ class Peer:
         if self.proc:
             self.proc.stop()
 
+    @contextlib.contextmanager
+    def stopped_on_error(self):
+        """A peer that fails to start stops what it started: nothing is left running beside the others."""
+        try:
+            yield
+        except BaseException:
+            try:
+                self.stop()
+            except Exception as exc:
+                say(f"  NOTE: stopping {self.label} after a failed start: {exc}")
+            raise
+
     def check_serves(self) -> None:
-        status = request(self.port, "POST", self.chat_path, BENCH_TOKEN, CHAT_BODY, timeout=10)
+        status = request(
+            self.port, "POST", self.chat_path, BENCH_TOKEN, CHAT_BODY, timeout=10, ca=self.client_ca
+        )
         if status != 200:
-            raise RuntimeError(f"{self.label}: a test request got {status or 'no answer'}, not 200")
+            hint = ""
+            if self.proc and status == 502:
+                errors = [_error_of(line) for line in self.proc.log_tail(200).splitlines()]
+                errors = [e for e in errors if e and ("certificate" in e.lower() or "ssl" in e.lower())]
+                if errors:
+                    hint = f" (upstream TLS: {errors[-1][:300]})"
+            raise RuntimeError(f"{self.label}: a test request got {status or 'no answer'}, not 200{hint}")
 
 
 class Direct(Peer):
@@ -226,6 +315,7 @@ class Direct(Peer):
         super().__init__()
         self.port = upstream.port
         self.upstream = upstream
+        self.client_ca = upstream.ca
 
     @property
     def chat_path(self) -> str:
@@ -241,7 +331,15 @@ class Direct(Peer):
 class GoReference(Peer):
     key, name, label = "b", "go", "Go reference"
 
-    def __init__(self, box: Toolbox, layout: Layout, workdir: Path, tables: Tables, table_size: int) -> None:
+    def __init__(
+        self,
+        box: Toolbox,
+        layout: Layout,
+        workdir: Path,
+        tables: Tables,
+        table_size: int,
+        tls: TlsFiles | None = None,
+    ) -> None:
         super().__init__()
         self.port = free_port()
         home = workdir / "go-ref"
@@ -260,15 +358,20 @@ class GoReference(Peer):
             "-parent-pid",
             str(os.getpid()),
         ]
-        self.proc = Proc(args, base_env(), workdir / "go-ref.log")
-        wait_until(lambda: request(self.port, "GET", "/_bench/ping") == 401, 15, self.label, self.proc)
-        self.check_serves()
+        # Go's crypto/x509 takes its roots from SSL_CERT_FILE when set (loaded once per process).
+        env = base_env(SSL_CERT_FILE=str(tls.ca)) if tls else base_env()
+        self.proc = Proc(args, env, workdir / "go-ref.log")
+        with self.stopped_on_error():
+            wait_until(lambda: request(self.port, "GET", "/_bench/ping") == 401, 15, self.label, self.proc)
+            self.check_serves()
 
 
 class ProxyOneWorker(Peer):
     key, name, label = "c", "proxy1", "proxy, 1 worker"
 
-    def __init__(self, layout: Layout, workdir: Path, tables: Tables, table_size: int) -> None:
+    def __init__(
+        self, layout: Layout, workdir: Path, tables: Tables, table_size: int, tls: TlsFiles | None = None
+    ) -> None:
         super().__init__()
         self.port = free_port()
         home = workdir / "proxy1"
@@ -280,10 +383,12 @@ class ProxyOneWorker(Peer):
             TOKEN_FILE=str(self.table_path),
             LOG_LEVEL="info",
             GRACEFUL_TIMEOUT="5",
+            **ca_env(tls),
         )
         self.proc = Proc([*layout.prefix(layout.proxy_1w), PYTHON, "wsgi.py"], env, workdir / "proxy1.log")
-        wait_until(lambda: request(self.port, "GET", "/_proxy/readyz") == 200, 30, self.label, self.proc)
-        self.check_serves()
+        with self.stopped_on_error():
+            wait_until(lambda: request(self.port, "GET", "/_proxy/readyz") == 200, 30, self.label, self.proc)
+            self.check_serves()
 
 
 class ProxySupervised(Peer):
@@ -296,14 +401,24 @@ class ProxySupervised(Peer):
     key, name, label = "d", "proxy2", "proxy, 2 workers (supervisord)"
     workers = 2
 
-    def __init__(self, layout: Layout, workdir: Path, tables: Tables, table_size: int) -> None:
+    def __init__(
+        self, layout: Layout, workdir: Path, tables: Tables, table_size: int, tls: TlsFiles | None = None
+    ) -> None:
         super().__init__()
+        self.tls = tls
         self.port = free_port()
         home = workdir / "proxy2"
         home.mkdir(mode=0o700)
         self.table_path = home / "tokens.json"
         tables.write(self.table_path, table_size)
         backend_port = free_port()
+        self.backend: Proc | None = None
+        with self.stopped_on_error():
+            self._start(layout, workdir, tables, table_size, home, backend_port)
+
+    def _start(
+        self, layout: Layout, workdir: Path, tables: Tables, table_size: int, home: Path, backend_port: int
+    ) -> None:
         self.backend = Proc(
             [
                 *layout.prefix(layout.load),
@@ -336,6 +451,7 @@ class ProxySupervised(Peer):
             SYNC_INTERVAL="60",
             LOG_LEVEL="info",
             GRACEFUL_TIMEOUT="5",
+            **ca_env(self.tls),
         )
         self.log_path = workdir / "proxy2.log"
         self.proc = Proc([*layout.prefix(layout.proxy_2w), "bash", "scripts/run"], env, self.log_path)
@@ -378,4 +494,5 @@ class ProxySupervised(Peer):
         if self.proc:
             everything = procstat.descendants(self.proc.pid)
             self.proc.stop(timeout=30, also=everything)
-        self.backend.stop()
+        if self.backend:
+            self.backend.stop()

@@ -1,10 +1,15 @@
--- wrk script: non-streaming chat completion POSTs with the client token from $BENCH_TOKEN.
+-- wrk script: non-streaming chat completion POSTs with the client token from $BENCH_TOKEN
+-- (and X-Bench-Close: 1 when $BENCH_CLOSE is 1).
 -- done() prints one machine-readable line, BENCHJSON {...}, read by bench/load.py.
 local token = os.getenv("BENCH_TOKEN") or "sk-none"
 wrk.method = "POST"
 wrk.body = '{"model":"bench-model","messages":[{"role":"user","content":"Say something."}]}'
 wrk.headers["Content-Type"] = "application/json"
 wrk.headers["Authorization"] = "Bearer " .. token
+if os.getenv("BENCH_CLOSE") == "1" then
+  -- the bench upstream answers with Connection: close: a new upstream connection per request
+  wrk.headers["X-Bench-Close"] = "1"
+end
 
 function done(summary, latency, requests)
   local e = summary.errors

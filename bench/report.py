@@ -9,7 +9,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SCENARIOS = ("small", "stream1000", "reload")
+# latest.md's order: each HTTPS variant beside its plain one.
+SCENARIOS = (
+    "small",
+    "small-tls",
+    "stream1000",
+    "stream1000-tls",
+    "stream300-tls",
+    "tlsconn",
+    "reload",
+    "ladder",
+    "ladder-tls",
+)
 GO = "b"
 
 
@@ -124,7 +135,12 @@ def markdown(result: dict, figures: list[Figure], targets: list[Target]) -> str:
             + " | ".join(cell(summary.get(p, {}).get(fig.key), fig, p) for p in peers)
             + " |"
         )
-    lines += ["", "Targets (reported, not asserted):", ""] + [t.line() for t in targets]
+    if result.get("extra_md"):
+        lines += ["", result["extra_md"].rstrip("\n")]
+    if targets:
+        lines += ["", "Targets (reported, not asserted):", ""] + [t.line() for t in targets]
+    else:
+        lines += ["", "No targets for this scenario: its figures are reported beside the Go reference's."]
     if result["notes"]:
         lines += ["", "Notes:", ""] + [f"- {note}" for note in result["notes"]]
     return "\n".join(lines) + "\n"

@@ -1,8 +1,9 @@
 // Streaming load generator for the benchmark: C concurrent SSE streams, per-event delay.
 //
 //	sseload -url http://127.0.0.1:P/chat/completions -token sk-... -c 1000 -rounds 3 \
-//	        -events 50 -interval 50 [-ramp 1000] [-deadline 300]
+//	        -events 50 -interval 50 [-ramp 1000] [-deadline 300] [-ca ca.pem]
 //
+// -ca: trust this PEM CA for an https:// URL (the bench upstream hit directly over TLS).
 // Each of the C workers runs -rounds streams one after the other (keep-alive). A stream is a POST
 // with "stream": true and the headers X-Bench-Events / X-Bench-Interval-Ms, which the bench
 // upstream obeys; every event carries "t_sent" (unix seconds when the upstream wrote it). For each
@@ -16,6 +17,8 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"encoding/json"
 	"flag"
 	"fmt"
@@ -134,7 +137,18 @@ func main() {
 	interval := flag.Int("interval", 50, "milliseconds between events")
 	ramp := flag.Int("ramp", 1000, "spread the workers' starts over this many milliseconds")
 	deadline := flag.Int("deadline", 0, "stop after this many seconds (0 = expected duration + 60)")
+	caFile := flag.String("ca", "", "PEM CA to trust for https:// (default: the system's)")
 	flag.Parse()
+	var tlsConfig *tls.Config
+	if *caFile != "" {
+		pem, err := os.ReadFile(*caFile)
+		pool := x509.NewCertPool()
+		if err != nil || !pool.AppendCertsFromPEM(pem) {
+			fmt.Fprintln(os.Stderr, "sseload: cannot use -ca", *caFile, err)
+			os.Exit(2)
+		}
+		tlsConfig = &tls.Config{RootCAs: pool, NextProtos: []string{"http/1.1"}}
+	}
 	if *deadline <= 0 {
 		*deadline = *ramp/1000 + *rounds**events**interval/1000 + 60
 	}
@@ -145,6 +159,8 @@ func main() {
 		DialContext:         (&net.Dialer{Timeout: 30 * time.Second}).DialContext,
 		MaxIdleConnsPerHost: *conc,
 		DisableCompression:  true,
+		TLSClientConfig:     tlsConfig,
+		TLSHandshakeTimeout: 30 * time.Second,
 	}}
 	body := []byte(`{"model":"bench-model","stream":true,"messages":[{"role":"user","content":"Say something."}]}`)
 	results := make([]result, *conc)

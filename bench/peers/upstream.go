@@ -1,19 +1,26 @@
 // Fake OpenAI-compatible upstream for the benchmark: fast enough never to be the bottleneck.
 //
 //	upstream -addr 127.0.0.1:0 [-parent-pid N] [-max-life 1800s]
+//	         [-tls-cert cert.pem -tls-key key.pem] [-idle-timeout 0]
 //
+// With -tls-cert/-tls-key it serves HTTPS, HTTP/1.1 only (no h2 in ALPN: the proxies speak
+// HTTP/1.1 upstream). -idle-timeout closes keep-alive connections idle that long (0 = never).
 // Prints "ready <port>" once listening. Any POST path (e.g. /v1/chat/completions):
 //   - a JSON body with "stream": true gets Server-Sent Events: X-Bench-Events events (default 5),
 //     X-Bench-Interval-Ms apart (default 50; event i is due at start + i*interval, the first at
 //     once), each one HTTP chunk flushed at once and carrying "t_sent" (unix seconds, float: the
 //     time it was written), then "data: [DONE]";
-//   - anything else gets a ~600 B chat.completion JSON answer (Content-Length).
+//   - anything else gets a ~600 B chat.completion JSON answer (Content-Length);
+//   - a request with "X-Bench-Close: 1" is answered with "Connection: close" (the connection is
+//     closed after it: every such request through a proxy costs it a new upstream connection).
 //
-// GET /_bench/health answers "ok". Standard library only.
+// GET /_bench/health answers "ok"; GET /_bench/stats answers {"conns":N,"requests":M}: connections
+// accepted (TLS: handshakes begun) and requests served since start. Standard library only.
 package main
 
 import (
 	"bytes"
+	"crypto/tls"
 	"flag"
 	"fmt"
 	"io"
@@ -23,8 +30,11 @@ import (
 	"regexp"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"time"
 )
+
+var conns, requests atomic.Int64
 
 var streamRe = regexp.MustCompile(`"stream"\s*:\s*true`)
 
@@ -89,9 +99,17 @@ func serveSSE(w http.ResponseWriter, r *http.Request) {
 }
 
 func handler(w http.ResponseWriter, r *http.Request) {
-	if r.URL.Path == "/_bench/health" {
+	switch r.URL.Path {
+	case "/_bench/health":
 		io.WriteString(w, "ok")
 		return
+	case "/_bench/stats":
+		fmt.Fprintf(w, `{"conns":%d,"requests":%d}`, conns.Load(), requests.Load())
+		return
+	}
+	requests.Add(1)
+	if r.Header.Get("X-Bench-Close") == "1" {
+		w.Header().Set("Connection", "close")
 	}
 	body, err := io.ReadAll(r.Body)
 	if err != nil {
@@ -122,6 +140,9 @@ func main() {
 	addr := flag.String("addr", "127.0.0.1:0", "listen address")
 	parent := flag.Int("parent-pid", 0, "exit when this parent process is gone")
 	maxLife := flag.Duration("max-life", 30*time.Minute, "exit after this long in any case")
+	certFile := flag.String("tls-cert", "", "serve HTTPS with this PEM certificate (chain)")
+	keyFile := flag.String("tls-key", "", "the certificate's PEM private key")
+	idle := flag.Duration("idle-timeout", 0, "close keep-alive connections idle this long (0 = never)")
 	flag.Parse()
 	go watchParent(*parent, *maxLife)
 	ln, err := net.Listen("tcp", *addr)
@@ -130,7 +151,28 @@ func main() {
 		os.Exit(1)
 	}
 	fmt.Printf("ready %d\n", ln.Addr().(*net.TCPAddr).Port)
-	srv := &http.Server{Handler: http.HandlerFunc(handler), ReadHeaderTimeout: 30 * time.Second}
-	fmt.Fprintln(os.Stderr, srv.Serve(ln))
+	srv := &http.Server{
+		Handler:           http.HandlerFunc(handler),
+		ReadHeaderTimeout: 30 * time.Second,
+		IdleTimeout:       *idle,
+		ConnState: func(c net.Conn, state http.ConnState) {
+			if state == http.StateNew {
+				conns.Add(1)
+			}
+		},
+	}
+	if *certFile != "" {
+		cert, err := tls.LoadX509KeyPair(*certFile, *keyFile)
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "upstream:", err)
+			os.Exit(1)
+		}
+		// HTTP/1.1 only: no "h2" offered, and an empty TLSNextProto disables Go's automatic h2.
+		srv.TLSConfig = &tls.Config{Certificates: []tls.Certificate{cert}, NextProtos: []string{"http/1.1"}}
+		srv.TLSNextProto = map[string]func(*http.Server, *tls.Conn, http.Handler){}
+		fmt.Fprintln(os.Stderr, srv.ServeTLS(ln, "", ""))
+	} else {
+		fmt.Fprintln(os.Stderr, srv.Serve(ln))
+	}
 	os.Exit(1)
 }
