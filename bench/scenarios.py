@@ -347,7 +347,8 @@ def _small(ctx: Context, name: str) -> tuple[dict, list[Figure], list[Target]]:
     if direct and fastest:
         headroom = direct / fastest
         notes.append(
-            f"fake upstream hit directly: {direct:,.0f} req/s = {headroom:.1f}× the fastest proxy"
+            f"fake upstream hit directly{' (over its plain port)' if ctx.tls else ''}: {direct:,.0f} req/s "
+            f"= {headroom:.1f}× the fastest proxy"
             + (
                 " — WARNING: under 2×, the upstream may be limiting"
                 if headroom < 2
@@ -365,8 +366,10 @@ def tls_setup(ctx: Context) -> list[str]:
     return [
         f"upstream over HTTPS: {ctx.upstream.api_url} (HTTP/1.1, TLS 1.3, an ECDSA P-256 certificate for "
         "the IP 127.0.0.1 issued by a CA made at the start of the run); the Go reference trusts it through "
-        "SSL_CERT_FILE, our proxy through UPSTREAM_CA_BUNDLE; clients reach the proxies over plain HTTP "
-        "(direct: over HTTPS)",
+        "SSL_CERT_FILE, our proxy through UPSTREAM_CA_BUNDLE; clients reach the proxies over plain HTTP",
+        "direct = the same upstream process over its plain HTTP port (client-side TLS would load the "
+        "load side's CPU as no proxy run does): no proxy and no TLS, the baseline of the added delay, "
+        "which so includes the proxy's upstream TLS",
         f"the upstream closes connections idle for {Upstream.IDLE_TIMEOUT_TLS:g} s and runs are further "
         "apart: every run starts with no pooled upstream connection, so its TLS handshakes are in it",
     ]
