@@ -213,13 +213,23 @@ class Upstream:
         self.ca = tls.ca if tls else None  # what a client of the upstream trusts
         self._stats_calls = 0
         self.proc = Proc(args, base_env(), workdir / ("upstream-tls.log" if tls else "upstream.log"))
-        wait_until(
-            lambda: request(self.port, "GET", health, ca=self.ca) == 200, 15, "the fake upstream", self.proc
-        )
-        if tls is not None:
+        try:
             wait_until(
-                lambda: request(self.plain_port, "GET", health) == 200, 15, "its plain listener", self.proc
+                lambda: request(self.port, "GET", health, ca=self.ca) == 200,
+                15,
+                "the fake upstream",
+                self.proc,
             )
+            if tls is not None:
+                wait_until(
+                    lambda: request(self.plain_port, "GET", health) == 200,
+                    15,
+                    "its plain listener",
+                    self.proc,
+                )
+        except BaseException:
+            self.proc.stop()
+            raise
         scheme = "https" if tls else "http"
         self.api_url = f"{scheme}://127.0.0.1:{self.port}/v1"  # the tokens' ai_model_api_url
 
