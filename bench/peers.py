@@ -159,6 +159,9 @@ class Upstream:
     process also serves plain HTTP on ``plain_port``: "direct" in the HTTPS scenarios."""
 
     IDLE_TIMEOUT_TLS = 1.0  # seconds
+    # Its own safety stop (it also exits when the harness is gone). Its default, 30 minutes, is
+    # about what `all --ladder-tls` takes on a 2-core machine: the upstream must outlive the run.
+    MAX_LIFE_S = 4 * 3600
 
     def __init__(self, box: Toolbox, layout: Layout, workdir: Path, tls: TlsFiles | None = None) -> None:
         self.port = free_port()
@@ -176,6 +179,8 @@ class Upstream:
                 f"127.0.0.1:{self.port}",
                 "-parent-pid",
                 str(os.getpid()),
+                "-max-life",
+                f"{self.MAX_LIFE_S}s",
             ]
             if tls is not None:
                 self.plain_port = free_port()
