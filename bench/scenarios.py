@@ -747,12 +747,14 @@ def _held(stats: list[dict], key: str) -> tuple[bool, str]:
     """Whether a peer held a level (over that level's runs), and why not."""
     if not stats or any("error" in run for run in stats):
         return False, "a run failed"
-    failed = max(run["failed"] for run in stats)
+    # Medians over the level's runs, failed streams too: one stray failure in one of 3 runs does not
+    # end a peer's ladder (the table and the notes still show it).
+    failed = statistics.median(run["failed"] for run in stats)
     ttfe = statistics.median(run["ttfe_p99_ms"] or 0 for run in stats)
     delay_key = "added_p99_ms" if key != "a" and all("added_p99_ms" in run for run in stats) else None
     why = []
     if failed:
-        why.append(f"{failed} failed")
+        why.append(f"{failed:,.0f} failed (median)")
     if ttfe > HOLD_TTFE_P99_MS:
         why.append(f"first event p99 {ttfe:,.0f} ms")
     if delay_key:
@@ -833,9 +835,10 @@ def _ladder(ctx: Context, name: str) -> tuple[dict, list[Figure], list[Target]]:
         for key, peer_runs in runs.items()
     }
     setup = [
-        f"a peer holds a level when, over that level's runs: no stream failed, the median of the time to "
-        f"first event p99 ≤ {HOLD_TTFE_P99_MS:,.0f} ms and the median of the added delay p99 (over direct, "
-        f"same level and run) ≤ {HOLD_ADDED_P99_MS:,.0f} ms (direct: the first two only)",
+        f"a peer holds a level when, in the medians over that level's runs: time to first event p99 ≤ "
+        f"{HOLD_TTFE_P99_MS:,.0f} ms, added delay p99 (over direct, same level and run) ≤ "
+        f"{HOLD_ADDED_P99_MS:,.0f} ms (issue 12's two conditions) and 0 failed streams (direct: the first "
+        "and the last)",
         "levels from the smallest up; a peer that does not hold a level is not run at the larger ones; "
         "largest held = the largest level held with every smaller one held too (0: none)",
         "one round per stream (a new client connection each); the streams start evenly over the ramp; "
@@ -870,7 +873,7 @@ def _ladder(ctx: Context, name: str) -> tuple[dict, list[Figure], list[Target]]:
             None if ctx.quick else value,
             LADDER_TARGET,
             f"added delay p99 ≤ {HOLD_ADDED_P99_MS:.0f} ms, first event p99 ≤ {HOLD_TTFE_P99_MS:.0f} ms, "
-            f"0 failed{quick_note}",
+            f"0 failed streams, medians over the runs{quick_note}",
             ",.0f",
             below=False,
         )
