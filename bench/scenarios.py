@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import json
 import os
+import re
 import statistics
 import time
 from collections.abc import Callable
@@ -507,10 +509,36 @@ def tls_stream_targets(s: dict) -> list[Target]:
 
 
 def failure_note(notes: list[str], peer: Peer, where: str, res: dict) -> None:
-    """Failed streams: a note with sseload's error counts (e.g. {"unexpected EOF": 1})."""
-    if res["failed"]:
-        errors = ", ".join(f"{text} ×{count}" for text, count in sorted(res["errors"].items()))
-        notes.append(f"{peer.label}, {where}: {res['failed']} failed stream(s): {errors}"[:500])
+    """Failed streams: a note with sseload's error counts (e.g. {"unexpected EOF": 1}) and what the
+    peer's log says (Go: "http: proxy error: ..."; ours: the access lines' "error" field)."""
+    if not res["failed"]:
+        return
+    errors = ", ".join(f"{text} ×{count}" for text, count in sorted(res["errors"].items()))
+    note = f"{peer.label}, {where}: {res['failed']} failed stream(s): {errors}"[:400]
+    said = peer_errors(peer)
+    if said:
+        note += "; its log so far: " + "; ".join(f"{text[:160]} ×{count}" for text, count in said)
+    notes.append(note)
+
+
+def peer_errors(peer: Peer, lines: int = 5000, top: int = 3) -> list[tuple[str, int]]:
+    """The most frequent error messages at the end of the peer's log (timestamps and ports cut)."""
+    if peer.proc is None:
+        return []
+    counts: dict[str, int] = {}
+    for line in peer.proc.log_tail(lines).splitlines():
+        text = ""
+        if "proxy error" in line:
+            text = line[line.index("proxy error") :]
+        elif '"error"' in line:
+            try:
+                text = str(json.loads(line[line.index("{") :]).get("error") or "")
+            except (ValueError, AttributeError):
+                text = ""
+        if text:
+            text = re.sub(r"127\.0\.0\.1:\d+", "127.0.0.1:*", text)
+            counts[text] = counts.get(text, 0) + 1
+    return sorted(counts.items(), key=lambda item: -item[1])[:top]
 
 
 def stream_figures(out: dict, used: dict) -> dict:
