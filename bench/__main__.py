@@ -1,4 +1,4 @@
-"""``python -m bench [SCENARIO|all] [--quick]``: the benchmark (see bench/README.md).
+"""``python -m bench [SCENARIO ...|all] [--quick]``: the benchmark (see bench/README.md).
 
 Not part of the test suite. Everything listens on 127.0.0.1; every load stops by itself; only the
 processes started here are stopped, by PID.
@@ -24,7 +24,13 @@ from bench.tools import cpu_layout, find_tools, say
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("scenario", nargs="?", default="all", choices=[*scenarios.SCENARIOS, "all"])
+    parser.add_argument(
+        "scenario",
+        nargs="*",
+        default="all",  # a string: argparse checks a list default against the choices as a whole
+        choices=[*scenarios.SCENARIOS, "all"],
+        help="one or more, run in the order given (default: all)",
+    )
     parser.add_argument(
         "--quick", action="store_true", help="short loads (a smoke run; figures not comparable)"
     )
@@ -71,14 +77,17 @@ def _terminate(signum, frame):  # SIGTERM: unwind through the finally blocks tha
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, _terminate)
-    if args.scenario == "all":
-        names = [
-            name
-            for name in scenarios.SCENARIOS
-            if name not in scenarios.NOT_IN_ALL or (name == "ladder-tls" and args.ladder_tls)
-        ]
-    else:
-        names = [args.scenario]
+    names: list[str] = []
+    for asked in [args.scenario] if isinstance(args.scenario, str) else args.scenario:
+        if asked == "all":
+            asked_names = [
+                name
+                for name in scenarios.SCENARIOS
+                if name not in scenarios.NOT_IN_ALL or (name == "ladder-tls" and args.ladder_tls)
+            ]
+        else:
+            asked_names = [asked]
+        names += [name for name in asked_names if name not in names]
     runs = args.runs if args.runs is not None else (1 if args.quick else 3)
     layout = cpu_layout(disable=args.no_pin)
     if layout.pinned:

@@ -155,12 +155,17 @@ class Upstream:
 
     With ``tls``: the Go upstream over HTTPS (HTTP/1.1), closing connections idle for
     ``IDLE_TIMEOUT_TLS``, so that every run of an HTTPS scenario (runs are further apart than
-    that) starts with no pooled upstream connection: each run pays its own TLS handshakes."""
+    that) starts with no pooled upstream connection: each run pays its own TLS handshakes. The same
+    process also serves plain HTTP on ``plain_port``: "direct" in the HTTPS scenarios."""
 
     IDLE_TIMEOUT_TLS = 1.0  # seconds
+    # Its own safety stop (it also exits when the harness is gone). Its default, 30 minutes, is
+    # about what `all --ladder-tls` takes on a 2-core machine: the upstream must outlive the run.
+    MAX_LIFE_S = 4 * 3600
 
     def __init__(self, box: Toolbox, layout: Layout, workdir: Path, tls: TlsFiles | None = None) -> None:
         self.port = free_port()
+        self.plain_port = self.port  # HTTPS: the same process also serves plain HTTP on its own port
         self.go = box.have_go
         self.tls = tls
         prefix = layout.prefix(layout.load)
@@ -174,13 +179,18 @@ class Upstream:
                 f"127.0.0.1:{self.port}",
                 "-parent-pid",
                 str(os.getpid()),
+                "-max-life",
+                f"{self.MAX_LIFE_S}s",
             ]
             if tls is not None:
+                self.plain_port = free_port()
                 args += [
                     "-tls-cert",
                     str(tls.cert),
                     "-tls-key",
                     str(tls.key),
+                    "-plain-addr",
+                    f"127.0.0.1:{self.plain_port}",
                     "-idle-timeout",
                     f"{self.IDLE_TIMEOUT_TLS}s",
                 ]
@@ -208,9 +218,23 @@ class Upstream:
         self.ca = tls.ca if tls else None  # what a client of the upstream trusts
         self._stats_calls = 0
         self.proc = Proc(args, base_env(), workdir / ("upstream-tls.log" if tls else "upstream.log"))
-        wait_until(
-            lambda: request(self.port, "GET", health, ca=self.ca) == 200, 15, "the fake upstream", self.proc
-        )
+        try:
+            wait_until(
+                lambda: request(self.port, "GET", health, ca=self.ca) == 200,
+                15,
+                "the fake upstream",
+                self.proc,
+            )
+            if tls is not None:
+                wait_until(
+                    lambda: request(self.plain_port, "GET", health) == 200,
+                    15,
+                    "its plain listener",
+                    self.proc,
+                )
+        except BaseException:
+            self.proc.stop()
+            raise
         scheme = "https" if tls else "http"
         self.api_url = f"{scheme}://127.0.0.1:{self.port}/v1"  # the tokens' ai_model_api_url
 
@@ -308,14 +332,17 @@ class Peer:
 
 
 class Direct(Peer):
+    """The upstream hit directly. With the HTTPS upstream, over its plain HTTP port: the client's TLS
+    (handshakes, decryption) would otherwise run on the load side's CPU, which in a proxy's run
+    does not do it, and direct would be no lower bound (its delay is the baseline of "added")."""
+
     key, name, label = "a", "direct", "direct (limit)"
     reloads = False
 
     def __init__(self, upstream: Upstream) -> None:
         super().__init__()
-        self.port = upstream.port
+        self.port = upstream.plain_port
         self.upstream = upstream
-        self.client_ca = upstream.ca
 
     @property
     def chat_path(self) -> str:

@@ -1,10 +1,11 @@
 // Fake OpenAI-compatible upstream for the benchmark: fast enough never to be the bottleneck.
 //
 //	upstream -addr 127.0.0.1:0 [-parent-pid N] [-max-life 1800s]
-//	         [-tls-cert cert.pem -tls-key key.pem] [-idle-timeout 0]
+//	         [-tls-cert cert.pem -tls-key key.pem [-plain-addr 127.0.0.1:0]] [-idle-timeout 0]
 //
 // With -tls-cert/-tls-key it serves HTTPS, HTTP/1.1 only (no h2 in ALPN: the proxies speak
-// HTTP/1.1 upstream). -idle-timeout closes keep-alive connections idle that long (0 = never).
+// HTTP/1.1 upstream), and with -plain-addr the same handler over plain HTTP on a second port
+// (printed as "plain <port>"). -idle-timeout closes keep-alive connections idle that long (0 = never).
 // Prints "ready <port>" once listening. Any POST path (e.g. /v1/chat/completions):
 //   - a JSON body with "stream": true gets Server-Sent Events: X-Bench-Events events (default 5),
 //     X-Bench-Interval-Ms apart (default 50; event i is due at start + i*interval, the first at
@@ -143,6 +144,7 @@ func main() {
 	certFile := flag.String("tls-cert", "", "serve HTTPS with this PEM certificate (chain)")
 	keyFile := flag.String("tls-key", "", "the certificate's PEM private key")
 	idle := flag.Duration("idle-timeout", 0, "close keep-alive connections idle this long (0 = never)")
+	plainAddr := flag.String("plain-addr", "", "with -tls-cert: also serve plain HTTP here")
 	flag.Parse()
 	go watchParent(*parent, *maxLife)
 	ln, err := net.Listen("tcp", *addr)
@@ -170,6 +172,19 @@ func main() {
 		// HTTP/1.1 only: no "h2" offered, and an empty TLSNextProto disables Go's automatic h2.
 		srv.TLSConfig = &tls.Config{Certificates: []tls.Certificate{cert}, NextProtos: []string{"http/1.1"}}
 		srv.TLSNextProto = map[string]func(*http.Server, *tls.Conn, http.Handler){}
+		if *plainAddr != "" {
+			plainLn, err := net.Listen("tcp", *plainAddr)
+			if err != nil {
+				fmt.Fprintln(os.Stderr, "upstream:", err)
+				os.Exit(1)
+			}
+			fmt.Printf("plain %d\n", plainLn.Addr().(*net.TCPAddr).Port)
+			plain := &http.Server{Handler: srv.Handler, ReadHeaderTimeout: srv.ReadHeaderTimeout, IdleTimeout: *idle}
+			go func() {
+				fmt.Fprintln(os.Stderr, plain.Serve(plainLn))
+				os.Exit(1)
+			}()
+		}
 		fmt.Fprintln(os.Stderr, srv.ServeTLS(ln, "", ""))
 	} else {
 		fmt.Fprintln(os.Stderr, srv.Serve(ln))
