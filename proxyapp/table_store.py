@@ -21,6 +21,7 @@ from gevent.event import Event
 
 from common import tokentable
 from common.jsonlog import mask_secret
+from proxyapp.limits import TokenLimits, effective_limits
 
 log = logging.getLogger("proxy.table")
 
@@ -56,6 +57,17 @@ class Route:
     token_id: int | str | None
     expires_at: float | None
     upstream: Upstream
+    limits: TokenLimits | None = None  # effective per-token limits and Redis keys; None = unlimited
+
+
+@dataclass(frozen=True, slots=True)
+class LimitSettings:
+    """The defaults for every token (TOKEN_MAX_CONCURRENCY, TOKEN_RPM; 0 = unlimited) and whether
+    a Limiter with Redis enforces them (else limits found in the table are only warned about)."""
+
+    default_concurrency: int = 0
+    default_rpm: int = 0
+    enforced: bool = False
 
 
 class FileVersion(NamedTuple):
@@ -79,6 +91,7 @@ class LoadedTable:
     generated_epoch: float | None
     loaded_at: float
     version: FileVersion
+    limited_tokens: int = 0  # routes with a per-token limit
 
 
 def _epoch(iso_text: str) -> float | None:
@@ -88,15 +101,33 @@ def _epoch(iso_text: str) -> float | None:
         return None
 
 
-def build_routes(table: tokentable.TokenTable, pause=None, pause_every: int = 5000) -> dict[str, Route]:
+def build_routes(
+    table: tokentable.TokenTable,
+    pause=None,
+    pause_every: int = 5000,
+    limits: LimitSettings = LimitSettings(),  # frozen: one shared default
+) -> dict[str, Route]:
+    """The routes of one table version; each token's effective limits and Redis keys are resolved
+    here, once per version, so the request path does no work for them."""
     upstreams: dict[tuple[str, str, str], Upstream] = {}
     routes: dict[str, Route] = {}
+    default_concurrency, default_rpm = limits.default_concurrency, limits.default_rpm
     for count, (token, row) in enumerate(table.tokens.items(), 1):
         key = (row.ai_model_api_url, row.ai_model_api_key, row.ai_model_name)
         upstream = upstreams.get(key)
         if upstream is None:
             upstream = upstreams[key] = Upstream.build(*key)
-        routes[token] = Route(row.token_id, row.expires_at, upstream)
+        token_limits = None
+        if default_concurrency or default_rpm or row.token_max_concurrency or row.token_rpm:
+            token_limits = effective_limits(
+                token,
+                row.token_id,
+                row.token_max_concurrency,
+                row.token_rpm,
+                default_concurrency,
+                default_rpm,
+            )
+        routes[token] = Route(row.token_id, row.expires_at, upstream, token_limits)
         if pause is not None and count % pause_every == 0:
             pause()
     return routes
@@ -105,9 +136,10 @@ def build_routes(table: tokentable.TokenTable, pause=None, pause_every: int = 50
 class TableStore:
     """Holds the current table (``current``, None until the first good load) and watches the file."""
 
-    def __init__(self, path: str, poll_interval: float) -> None:
+    def __init__(self, path: str, poll_interval: float, limits: LimitSettings | None = None) -> None:
         self.path = path
         self.poll_interval = poll_interval
+        self.limits = limits or LimitSettings()
         self.current: LoadedTable | None = None
         self.reload_failures = 0
         self._rejected: FileVersion | None = None  # last bad version, logged once
@@ -147,7 +179,7 @@ class TableStore:
         try:
             table, st = tokentable.read(self.path, pause=_pause)
             version = FileVersion.of(st)
-            routes = build_routes(table, pause=_pause)
+            routes = build_routes(table, pause=_pause, limits=self.limits)
         except tokentable.TableFormatError as exc:
             try:
                 version = FileVersion.of(os.stat(self.path))
@@ -156,12 +188,14 @@ class TableStore:
             self._reject(version, str(exc))
             return False
         self._warn_if_readable_by_others(st)
+        limited = sum(1 for route in routes.values() if route.limits is not None)
         self.current = LoadedTable(
             routes=routes,
             generated_at=table.generated_at,
             generated_epoch=_epoch(table.generated_at),
             loaded_at=time.time(),
             version=version,
+            limited_tokens=limited,
         )
         self._rejected = None
         log.info(
@@ -172,8 +206,15 @@ class TableStore:
                 "tokens": len(routes),
                 "generated_at": table.generated_at,
                 "load_ms": round((time.monotonic() - started) * 1000, 1),
+                "limited_tokens": limited,
             },
         )
+        if limited and not self.limits.enforced:
+            # Only row overrides can get here: a default limit without Redis stops start-up.
+            log.warning(
+                "token table sets per-token limits but LIMITS_REDIS_URL is not set: not enforced",
+                extra={"event": "limits_not_enforced", "path": self.path, "limited_tokens": limited},
+            )
         return True
 
     def _reject(self, version: FileVersion | None, reason: str) -> None:
