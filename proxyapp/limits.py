@@ -38,6 +38,7 @@ from dataclasses import dataclass
 import gevent
 import redis
 from gevent.event import Event
+from gevent.lock import BoundedSemaphore
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
@@ -49,8 +50,7 @@ KEY_PREFIX = "llmproxy:"
 WINDOW_MS = 60_000
 SOCKET_TIMEOUT = 0.5  # connect and read: a dead Redis costs a request at most this, once
 PROBE_INTERVAL = 1.0  # seconds between probes while Redis is down
-POOL_SIZE = 64  # connections per worker; a greenlet waits for a free one (never an outage)
-POOL_WAIT = 2.0
+POOL_SIZE = 64  # request-path connections per worker; a greenlet waits for a free one
 
 CONCURRENCY = "concurrency"
 RPM = "rpm"
@@ -62,15 +62,15 @@ MESSAGES = {
 
 _SAFE_ID = re.compile(r"[A-Za-z0-9._-]{1,64}").fullmatch
 
-# KEYS: conc, rpm. ARGV: max_concurrency, rpm, lease_ms, member.
+# KEYS: conc, rpm. ARGV: max_concurrency, rpm, member, lease_ms.
 # Returns {admitted, refused_by (0 none, 1 concurrency, 2 rpm), retry_ms, in_window, in_flight}.
 ACQUIRE_LUA = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local max_conc = tonumber(ARGV[1])
 local rpm = tonumber(ARGV[2])
-local lease_ms = tonumber(ARGV[3])
-local member = ARGV[4]
+local member = ARGV[3]
+local lease_ms = tonumber(ARGV[4])
 local in_window = 0
 if rpm > 0 then
   redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - 60000)
@@ -112,6 +112,14 @@ return #ARGV - 1
 """
 
 
+ACQUIRE_SHA = hashlib.sha1(ACQUIRE_LUA.encode()).hexdigest()
+
+
+def _bulk(value: str | int) -> bytes:
+    data = str(value).encode()
+    return b"$%d\r\n%s\r\n" % (len(data), data)
+
+
 class LimiterUnavailable(Exception):
     """Redis could not be reached at start; the message names LIMITS_REDIS_URL."""
 
@@ -139,16 +147,22 @@ class TokenLimits:
     key_id: str
     keys: tuple[str, str]  # (conc, rpm)
     header_limit: str  # x-ratelimit-limit-requests: the rpm limit if set, else max_concurrency
+    packed: bytes  # the EVALSHA command up to the per-request arguments, in the wire format
 
     @classmethod
     def build(cls, max_concurrency: int, rpm: int, key_id: str) -> TokenLimits:
         prefix = f"{KEY_PREFIX}{{{key_id}}}:"
+        keys = (prefix + "conc", prefix + "rpm")
+        packed = b"*9\r\n" + b"".join(
+            _bulk(part) for part in ("EVALSHA", ACQUIRE_SHA, 2, *keys, max_concurrency, rpm)
+        )
         return cls(
             max_concurrency=max_concurrency,
             rpm=rpm,
             key_id=key_id,
-            keys=(prefix + "conc", prefix + "rpm"),
+            keys=keys,
             header_limit=str(rpm or max_concurrency),
+            packed=packed,
         )
 
 
@@ -246,19 +260,25 @@ class Limiter:
         self._member_prefix = f"{os.getpid():x}.{os.urandom(4).hex()}."
         self._next_renewal = 0.0
         self._last_probe = 0.0
+        self._lease_arg = _bulk(self.lease_ms)
+        # The request path's connections: a free list and a cap (a greenlet waits for a free
+        # one); a connection that saw any error is closed, never reused half-read.
+        self._idle: list[redis.connection.AbstractConnection] = []
+        self._slots = BoundedSemaphore(POOL_SIZE)
         if not self.enabled:
             self.client = None
             return
-        pool = redis.BlockingConnectionPool.from_url(
-            url,
-            max_connections=POOL_SIZE,
-            timeout=POOL_WAIT,
-            socket_timeout=socket_timeout,
-            socket_connect_timeout=socket_timeout,
-            retry=Retry(NoBackoff(), 0),  # no retries: an error trips the breaker at once
+        options = {
+            "socket_timeout": socket_timeout,
+            "socket_connect_timeout": socket_timeout,
+            "retry": Retry(NoBackoff(), 0),  # no retries: an error trips the breaker at once
+        }
+        factory = redis.ConnectionPool.from_url(url, **options)
+        self._new_connection = lambda: factory.connection_class(**factory.connection_kwargs)
+        # The background greenlet's client (pipelines, probes) and check_reachable().
+        self.client = redis.Redis(
+            connection_pool=redis.ConnectionPool.from_url(url, max_connections=4, **options)
         )
-        self.client = redis.Redis(connection_pool=pool)
-        self._acquire_script = self.client.register_script(ACQUIRE_LUA)
         self._renew_script = self.client.register_script(RENEW_LUA)
 
     # -- start and stop
@@ -273,7 +293,7 @@ class Limiter:
         while True:
             try:
                 self.client.ping()
-                self._acquire_script.sha = self.client.script_load(ACQUIRE_LUA)
+                self.client.script_load(ACQUIRE_LUA)
                 self._renew_script.sha = self.client.script_load(RENEW_LUA)
                 return
             except (redis.RedisError, OSError) as exc:
@@ -305,6 +325,9 @@ class Limiter:
         with gevent.Timeout(timeout, False):
             self._flush_releases()
         self.client.connection_pool.disconnect()
+        for connection in self._idle:
+            connection.disconnect()
+        self._idle.clear()
 
     # -- the request path
 
@@ -317,8 +340,8 @@ class Limiter:
             return UNLIMITED
         member = self._member_prefix + format(next(self._ids), "x")
         try:
-            admitted, refused_by, retry_ms, in_window, in_flight = self._acquire_script(
-                keys=limits.keys, args=(limits.max_concurrency, limits.rpm, self.lease_ms, member)
+            admitted, refused_by, retry_ms, in_window, in_flight = self._call(
+                limits.packed + _bulk(member) + self._lease_arg
             )
         except (redis.RedisError, OSError) as exc:
             self._went_down(exc)
@@ -335,6 +358,26 @@ class Limiter:
             self._in_flight[member] = limits.keys[0]
             return Admission(True, "", 0, headers, limits.keys[0], member, enforced=True)
         return Admission(True, "", 0, headers, enforced=True)
+
+    def _call(self, command: bytes):
+        """Send one packed EVALSHA and read its reply on a connection of the request path's own
+        (redis-py's client would pack, log and check the connection again: twice the CPU)."""
+        with self._slots:
+            connection = self._idle.pop() if self._idle else self._new_connection()
+            try:
+                connection.send_packed_command((command,), check_health=False)
+                try:
+                    reply = connection.read_response()
+                except redis.exceptions.NoScriptError:  # Redis restarted: load it, send again
+                    connection.send_command("SCRIPT", "LOAD", ACQUIRE_LUA, check_health=False)
+                    connection.read_response()
+                    connection.send_packed_command((command,), check_health=False)
+                    reply = connection.read_response()
+            except BaseException:
+                connection.disconnect()
+                raise
+            self._idle.append(connection)
+            return reply
 
     def release(self, admission: Admission) -> None:
         """Give the concurrency slot back (idempotent; never blocks: the background greenlet sends it)."""

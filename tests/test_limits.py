@@ -539,3 +539,15 @@ def test_keys_never_hold_the_token_and_expire_when_idle(limiter_factory, inspect
     gwait(lambda: inspect.zcard(limits.keys[0]) == 0, timeout=5)
     assert limits_module.KEY_PREFIX == "llmproxy:"
     assert tokentable.MAX_LIMIT == 1_000_000_000
+
+
+def test_a_redis_that_lost_the_script_gets_it_again_without_an_outage(limiter_factory, inspect):
+    limiter = limiter_factory()
+    limits = token_limits(rpm=2)
+    assert limiter.acquire(limits).admitted
+    inspect.script_flush()
+    assert inspect.script_exists(limits_module.ACQUIRE_SHA) == [False]
+    assert limiter.acquire(limits).admitted
+    assert not limiter.acquire(limits).admitted
+    assert inspect.script_exists(limits_module.ACQUIRE_SHA) == [True]
+    assert limiter.outages_total == 0
