@@ -33,6 +33,7 @@ import math
 import os
 import re
 import time
+import weakref
 from dataclasses import dataclass
 
 import gevent
@@ -189,7 +190,16 @@ class Admission:
     """The answer of acquire(). ``admitted`` False = answer 429 with ``code``, ``retry_after`` and
     ``headers``; True = forward, send ``headers`` with the response, and release() when it ends."""
 
-    __slots__ = ("admitted", "conc_key", "enforced", "headers", "limit", "member", "retry_after")
+    __slots__ = (
+        "__weakref__",
+        "admitted",
+        "conc_key",
+        "enforced",
+        "headers",
+        "limit",
+        "member",
+        "retry_after",
+    )
 
     def __init__(
         self,
@@ -250,6 +260,7 @@ class Limiter:
         self.refused = {CONCURRENCY: 0, RPM: 0}
         self.outages_total = 0
         self.unenforced_total = 0  # limited requests admitted unchecked because Redis was down
+        self.dropped_total = 0  # admissions released by the garbage collector, not release()
         self.down_since: float | None = None  # monotonic time of the outage's start, None = up
         self._in_flight: dict[str, str] = {}  # member -> conc key, for renewal
         self._pending: list[tuple[str, str]] = []  # (conc key, member) to remove
@@ -280,6 +291,11 @@ class Limiter:
             connection_pool=redis.ConnectionPool.from_url(url, max_connections=4, **options)
         )
         self._renew_script = self.client.register_script(RENEW_LUA)
+
+    @classmethod
+    def from_config(cls, config) -> Limiter:
+        """From a ProxyConfig: disabled when LIMITS_REDIS_URL is not set."""
+        return cls(config.limits_redis_url, config.limits_lease_seconds)
 
     # -- start and stop
 
@@ -356,7 +372,11 @@ class Limiter:
             return Admission(False, limit, retry_after, headers, enforced=True)
         if limits.max_concurrency:
             self._in_flight[member] = limits.keys[0]
-            return Admission(True, "", 0, headers, limits.keys[0], member, enforced=True)
+            admission = Admission(True, "", 0, headers, limits.keys[0], member, enforced=True)
+            # A safety net, not the way: an admission dropped without release() (a bug, an
+            # exception between acquire and the request's finally) would be renewed for ever.
+            weakref.finalize(admission, self._dropped, member)
+            return admission
         return Admission(True, "", 0, headers, enforced=True)
 
     def _call(self, command: bytes):
@@ -388,6 +408,13 @@ class Limiter:
         self._in_flight.pop(admission.member, None)
         self._pending.append((key, admission.member))
         self._wake.set()
+
+    def _dropped(self, member: str) -> None:
+        key = self._in_flight.pop(member, None)
+        if key is not None:
+            self.dropped_total += 1
+            self._pending.append((key, member))
+            self._wake.set()
 
     @property
     def in_flight_leases(self) -> int:

@@ -69,6 +69,11 @@ class LimitSettings:
     default_rpm: int = 0
     enforced: bool = False
 
+    @classmethod
+    def from_config(cls, config) -> LimitSettings:
+        """From a ProxyConfig: its defaults, enforced when LIMITS_REDIS_URL is set."""
+        return cls(config.token_max_concurrency, config.token_rpm, bool(config.limits_redis_url))
+
 
 class FileVersion(NamedTuple):
     """What identifies one version of the file; inode numbers alone are reused after a replace."""

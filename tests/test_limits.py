@@ -9,6 +9,7 @@ sleeps through gevent); the "several workers" tests run monkey-patched worker-li
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import signal
@@ -25,6 +26,7 @@ from common import tokentable
 from common.envparse import ConfigError
 from proxyapp import limits as limits_module
 from proxyapp.config import ProxyConfig
+from proxyapp.errors import error_body
 from proxyapp.limits import (
     CONCURRENCY,
     RPM,
@@ -551,3 +553,46 @@ def test_a_redis_that_lost_the_script_gets_it_again_without_an_outage(limiter_fa
     assert not limiter.acquire(limits).admitted
     assert inspect.script_exists(limits_module.ACQUIRE_SHA) == [True]
     assert limiter.outages_total == 0
+
+
+def test_an_admission_dropped_without_release_is_not_renewed_for_ever(limiter_factory, inspect):
+    limiter = limiter_factory()
+    limits = token_limits(conc=1)
+    admission = limiter.acquire(limits)
+    assert admission.admitted
+    del admission  # never released: a bug on the request path must not lock the token out
+    gc.collect()
+    assert limiter.in_flight_leases == 0
+    assert limiter.dropped_total == 1
+    gwait(lambda: inspect.zcard(limits.keys[0]) == 0, timeout=5, what="the dropped lease's release")
+    kept = limiter.acquire(limits)
+    assert kept.admitted
+    limiter.release(kept)
+    del kept
+    gc.collect()
+    assert limiter.dropped_total == 1  # a released admission is not released twice
+
+
+def test_429_is_a_rate_limit_error_in_the_openai_shape():
+    body = json.loads(error_body(429, "token_rate_limit", "slow down", "req-1"))
+    assert body == {
+        "error": {
+            "message": "slow down",
+            "type": "rate_limit_error",
+            "code": "token_rate_limit",
+            "request_id": "req-1",
+        }
+    }
+
+
+def test_settings_and_limiter_from_the_config():
+    config = ProxyConfig.from_env(
+        {"TOKEN_RPM": "7", "LIMITS_REDIS_URL": "unix:///tmp/x.sock", "LIMITS_LEASE_SECONDS": "9"}
+    )
+    assert LimitSettings.from_config(config) == LimitSettings(0, 7, True)
+    assert LimitSettings.from_config(ProxyConfig.from_env({})) == LimitSettings(0, 0, False)
+    limiter = Limiter.from_config(config)
+    assert (limiter.enabled, limiter.lease_seconds, limiter.lease_ms, limiter.renew_every) == (
+        True, 9.0, "9000", 3.0,
+    )  # fmt: skip
+    assert Limiter.from_config(ProxyConfig.from_env({})).enabled is False

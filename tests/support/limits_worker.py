@@ -33,7 +33,8 @@ def main() -> None:
         admitted = sum(1 for g in greenlets if g.value.admitted)
         print(json.dumps({"admitted": admitted, "refused": int(count) - admitted}), flush=True)
     else:
-        held = sum(1 for _ in range(int(count)) if limiter.acquire(limits).admitted)
+        admissions = [limiter.acquire(limits) for _ in range(int(count))]  # kept: held until killed
+        held = sum(1 for admission in admissions if admission.admitted)
         print(json.dumps({"held": held, "leases": limiter.in_flight_leases}), flush=True)
     while True:
         gevent.sleep(60)
