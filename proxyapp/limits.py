@@ -26,6 +26,7 @@ second and enforcing resumes with one info line when it answers again.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import logging
@@ -138,10 +139,19 @@ def limit_key_id(token: str, token_id: int | str | None) -> str:
     return "h" + hashlib.sha256(token.encode("utf-8")).hexdigest()[:16]
 
 
-@dataclass(frozen=True, slots=True)
+_PACKED_HEAD = b"*9\r\n" + _bulk("EVALSHA") + _bulk(ACQUIRE_SHA) + _bulk(2)
+
+
+@functools.lru_cache(maxsize=1024)
+def _packed_limits(max_concurrency: int, rpm: int) -> tuple[bytes, str]:
+    return _bulk(max_concurrency) + _bulk(rpm), str(rpm or max_concurrency)
+
+
+@dataclass(slots=True)
 class TokenLimits:
     """A token's effective limits (0 = that limit is off; never both) and its Redis keys.
-    Built once per table version, so acquire() does no string work."""
+    Built once per table version (kept across versions while unchanged), so acquire() does no
+    string work. Treat as read-only."""
 
     max_concurrency: int
     rpm: int
@@ -152,19 +162,19 @@ class TokenLimits:
 
     @classmethod
     def build(cls, max_concurrency: int, rpm: int, key_id: str) -> TokenLimits:
-        prefix = f"{KEY_PREFIX}{{{key_id}}}:"
-        keys = (prefix + "conc", prefix + "rpm")
-        packed = b"*9\r\n" + b"".join(
-            _bulk(part) for part in ("EVALSHA", ACQUIRE_SHA, 2, *keys, max_concurrency, rpm)
+        conc_key = f"{KEY_PREFIX}{{{key_id}}}:conc"
+        rpm_key = f"{KEY_PREFIX}{{{key_id}}}:rpm"
+        conc_bytes, rpm_bytes = conc_key.encode(), rpm_key.encode()
+        args, header_limit = _packed_limits(max_concurrency, rpm)
+        packed = b"%s$%d\r\n%s\r\n$%d\r\n%s\r\n%s" % (
+            _PACKED_HEAD,
+            len(conc_bytes),
+            conc_bytes,
+            len(rpm_bytes),
+            rpm_bytes,
+            args,
         )
-        return cls(
-            max_concurrency=max_concurrency,
-            rpm=rpm,
-            key_id=key_id,
-            keys=keys,
-            header_limit=str(rpm or max_concurrency),
-            packed=packed,
-        )
+        return cls(max_concurrency, rpm, key_id, (conc_key, rpm_key), header_limit, packed)
 
 
 def effective_limits(

@@ -12,6 +12,7 @@ import logging
 import os
 import stat as stat_module
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import NamedTuple
 from urllib.parse import urlsplit
@@ -21,7 +22,7 @@ from gevent.event import Event
 
 from common import tokentable
 from common.jsonlog import mask_secret
-from proxyapp.limits import TokenLimits, effective_limits
+from proxyapp.limits import TokenLimits, limit_key_id
 
 log = logging.getLogger("proxy.table")
 
@@ -111,27 +112,33 @@ def build_routes(
     pause=None,
     pause_every: int = 5000,
     limits: LimitSettings = LimitSettings(),  # frozen: one shared default
+    previous: Mapping[str, Route] | None = None,
 ) -> dict[str, Route]:
-    """The routes of one table version; each token's effective limits and Redis keys are resolved
-    here, once per version, so the request path does no work for them."""
+    """The routes of one table version. Each token's effective limits and Redis keys are resolved
+    here, once per version (the previous version's are reused while unchanged), so the request
+    path does no work for them."""
     upstreams: dict[tuple[str, str, str], Upstream] = {}
     routes: dict[str, Route] = {}
     default_concurrency, default_rpm = limits.default_concurrency, limits.default_rpm
+    previous = previous or {}
     for count, (token, row) in enumerate(table.tokens.items(), 1):
         key = (row.ai_model_api_url, row.ai_model_api_key, row.ai_model_name)
         upstream = upstreams.get(key)
         if upstream is None:
             upstream = upstreams[key] = Upstream.build(*key)
+        concurrency = default_concurrency if row.token_max_concurrency is None else row.token_max_concurrency
+        rpm = default_rpm if row.token_rpm is None else row.token_rpm
         token_limits = None
-        if default_concurrency or default_rpm or row.token_max_concurrency or row.token_rpm:
-            token_limits = effective_limits(
-                token,
-                row.token_id,
-                row.token_max_concurrency,
-                row.token_rpm,
-                default_concurrency,
-                default_rpm,
-            )
+        if concurrency or rpm:
+            before = previous.get(token)
+            token_limits = before.limits if before is not None else None
+            if (
+                token_limits is None
+                or token_limits.max_concurrency != concurrency
+                or token_limits.rpm != rpm
+                or before.token_id != row.token_id
+            ):
+                token_limits = TokenLimits.build(concurrency, rpm, limit_key_id(token, row.token_id))
         routes[token] = Route(row.token_id, row.expires_at, upstream, token_limits)
         if pause is not None and count % pause_every == 0:
             pause()
@@ -184,7 +191,8 @@ class TableStore:
         try:
             table, st = tokentable.read(self.path, pause=_pause)
             version = FileVersion.of(st)
-            routes = build_routes(table, pause=_pause, limits=self.limits)
+            previous = self.current.routes if self.current is not None else None
+            routes = build_routes(table, pause=_pause, limits=self.limits, previous=previous)
         except tokentable.TableFormatError as exc:
             try:
                 version = FileVersion.of(os.stat(self.path))

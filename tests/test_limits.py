@@ -596,3 +596,28 @@ def test_settings_and_limiter_from_the_config():
         True, 9.0, "9000", 3.0,
     )  # fmt: skip
     assert Limiter.from_config(ProxyConfig.from_env({})).enabled is False
+
+
+def test_a_new_table_version_reuses_the_limits_of_unchanged_tokens(tmp_path):
+    path = tmp_path / "tokens.json"
+    settings = LimitSettings(default_concurrency=2, default_rpm=0, enforced=True)
+    write_table(path, {TOKEN: row("http://u/v1", token_id=7), "sk-b": row("http://u/v1", token_id=8)})
+    store = TableStore(str(path), 0.1, settings)
+    assert store.check() is True
+    first = store.current.routes
+    write_table(
+        path,
+        {
+            TOKEN: row("http://u/v1", token_id=7),  # unchanged
+            "sk-b": row("http://u/v1", token_id=8, token_rpm=5),  # a new override
+            "sk-c": row("http://u/v1", token_id=9),  # new
+        },
+    )
+    assert store.check() is True
+    second = store.current.routes
+    assert second[TOKEN].limits is first[TOKEN].limits
+    assert second["sk-b"].limits == TokenLimits.build(2, 5, "i8")
+    assert second["sk-c"].limits == TokenLimits.build(2, 0, "i9")
+    write_table(path, {TOKEN: row("http://u/v1", token_id=70)})  # another id: other keys
+    assert store.check() is True
+    assert store.current.routes[TOKEN].limits.keys[0] == "llmproxy:{i70}:conc"
