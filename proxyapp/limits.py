@@ -67,6 +67,7 @@ _SAFE_ID = re.compile(r"[A-Za-z0-9._-]{1,64}").fullmatch
 # KEYS: conc, rpm. ARGV: max_concurrency, rpm, member, lease_ms.
 # Returns {admitted, refused_by (0 none, 1 concurrency, 2 rpm), retry_ms, in_window, in_flight}.
 ACQUIRE_LUA = """
+if redis.replicate_commands then redis.replicate_commands() end  -- Redis < 5: TIME before writes
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local max_conc = tonumber(ARGV[1])
@@ -104,6 +105,7 @@ return {1, 0, 0, in_window, in_flight}
 # KEYS: conc. ARGV: lease_ms, member... Every lease of this worker still running gets a new
 # expiry (re-added if Redis lost it: the request is really in flight).
 RENEW_LUA = """
+if redis.replicate_commands then redis.replicate_commands() end
 local t = redis.call('TIME')
 local expiry = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[1])
 for i = 2, #ARGV do
@@ -309,21 +311,26 @@ class Limiter:
 
     # -- start and stop
 
-    def check_reachable(self, wait: float = 10.0) -> None:
+    def check_reachable(self, wait: float = 10.0, *, fail: bool = True) -> bool:
         """At start: PING and load the scripts, retrying for ``wait`` seconds (so the order in
-        which supervisord starts redis and the workers does not matter). Raises
-        LimiterUnavailable naming LIMITS_REDIS_URL."""
+        which supervisord starts redis and the workers does not matter). Unreachable: raises
+        LimiterUnavailable naming LIMITS_REDIS_URL, or with ``fail=False`` starts in the outage
+        state (one error line; unlimited until the background greenlet sees Redis) and returns
+        False."""
         if not self.enabled:
-            return
+            return True
         deadline = time.monotonic() + wait
         while True:
             try:
                 self.client.ping()
                 self.client.script_load(ACQUIRE_LUA)
                 self._renew_script.sha = self.client.script_load(RENEW_LUA)
-                return
+                return True
             except (redis.RedisError, OSError) as exc:
                 if time.monotonic() >= deadline:
+                    if not fail:
+                        self._went_down(exc)
+                        return False
                     raise LimiterUnavailable(
                         f"LIMITS_REDIS_URL={self.shown_url!r}: cannot reach Redis after {wait:g} s "
                         f"({_describe(exc)})"

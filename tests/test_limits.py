@@ -621,3 +621,22 @@ def test_a_new_table_version_reuses_the_limits_of_unchanged_tokens(tmp_path):
     write_table(path, {TOKEN: row("http://u/v1", token_id=70)})  # another id: other keys
     assert store.check() is True
     assert store.current.routes[TOKEN].limits.keys[0] == "llmproxy:{i70}:conc"
+
+
+def test_an_unreachable_redis_at_start_can_also_mean_starting_unlimited(redis_server, caplog):
+    caplog.set_level(logging.INFO, logger="proxy.limits")
+    redis_server.stop()
+    limiter = Limiter(redis_server.url)
+    try:
+        assert limiter.check_reachable(wait=0.3, fail=False) is False
+        assert limiter.down_since is not None
+        limits = token_limits(rpm=1)
+        assert limiter.acquire(limits).admitted and limiter.acquire(limits).admitted
+        assert len(limit_events(caplog, "limits_redis_down")) == 1
+        limiter.start()
+        redis_server.start()
+        gwait(lambda: limiter.down_since is None, timeout=10, what="Redis to be seen again")
+        assert limiter.acquire(limits).admitted
+        assert not limiter.acquire(limits).admitted
+    finally:
+        limiter.close(timeout=1)
