@@ -355,8 +355,11 @@ class Limiter:
         if self._greenlet is not None:
             self._greenlet.kill(block=True, timeout=timeout)
             self._greenlet = None
-        with gevent.Timeout(timeout, False):
-            self._flush_releases()
+        try:
+            with gevent.Timeout(timeout, False):
+                self._flush_releases()
+        except (redis.RedisError, OSError):
+            pass  # Redis down: the leases expire on their own within one lease
         self.client.connection_pool.disconnect()
         for connection in self._idle:
             connection.disconnect()
@@ -392,7 +395,7 @@ class Limiter:
             admission = Admission(True, "", 0, headers, limits.keys[0], member, enforced=True)
             # A safety net, not the way: an admission dropped without release() (a bug, an
             # exception between acquire and the request's finally) would be renewed for ever.
-            weakref.finalize(admission, self._dropped, member)
+            weakref.finalize(admission, self._dropped, member).atexit = False
             return admission
         return Admission(True, "", 0, headers, enforced=True)
 
