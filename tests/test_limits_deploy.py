@@ -93,6 +93,14 @@ def test_no_limit_means_no_redis_program(deploy):
     assert not (dep.run_dir / "redis.sock").exists()
 
 
+def test_proxy_local_redis_true_starts_it_for_limits_set_only_in_rows(deploy):
+    dep = deploy({"PROXY_LOCAL_REDIS": "true"})
+    states = dep.wait_running(["redis", *PROGRAMS], timeout=30)
+    environ = worker_environ(states["proxy:proxy_00"][1])
+    assert environ["LIMITS_REDIS_URL"] == f"unix://{dep.run_dir}/redis.sock"
+    assert "TOKEN_MAX_CONCURRENCY" not in environ
+
+
 def test_a_given_limits_redis_url_is_used_and_no_local_redis_starts(deploy, redis_server):
     dep = deploy({"TOKEN_RPM": "5", "LIMITS_REDIS_URL": redis_server.url})
     states = dep.wait_running(PROGRAMS, timeout=30)
