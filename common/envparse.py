@@ -61,7 +61,7 @@ class Env:
             raise ConfigError(name, value, f"must be {bound}")
         return parsed
 
-    def integer(self, name: str, default: int, *, minimum: int = 0) -> int:
+    def integer(self, name: str, default: int, *, minimum: int = 0, maximum: int | None = None) -> int:
         value = self.raw(name, str(default))
         try:
             parsed = int(value)
@@ -69,6 +69,8 @@ class Env:
             raise ConfigError(name, value, "expected a whole number") from None
         if parsed < minimum:
             raise ConfigError(name, value, f"must be at least {minimum}")
+        if maximum is not None and parsed > maximum:
+            raise ConfigError(name, value, f"must be at most {maximum}")
         return parsed
 
     def url(self, name: str, default: str) -> str:
@@ -105,6 +107,30 @@ class Env:
         if parts.path not in ("", "/") or parts.query or parts.fragment:
             raise ConfigError(name, shown, "expected no path, query or fragment")
         return value.rstrip("/")
+
+    def redis_url(self, name: str) -> str:
+        """redis://[user:password@]host[:port][/db], rediss://... (TLS) or unix:///path/to/socket,
+        or "" when unset. Errors never repeat the password."""
+        value = self.raw(name, "")
+        if not value:
+            return ""
+        shown = without_password(value)
+        try:
+            parts = urlsplit(value)
+            parts.port  # noqa: B018 - raises ValueError on a bad port
+        except ValueError:
+            raise ConfigError(name, shown, "not a valid URL (bad port?)") from None
+        if parts.scheme in ("redis", "rediss"):
+            if not parts.hostname:
+                raise ConfigError(name, shown, "expected redis://host[:port][/db]")
+            if parts.path not in ("", "/") and not parts.path.lstrip("/").isdigit():
+                raise ConfigError(name, shown, "the path must be a database number (redis://host:port/0)")
+        elif parts.scheme == "unix":
+            if not parts.path.startswith("/"):
+                raise ConfigError(name, shown, "expected unix:///absolute/path/to/redis.sock")
+        else:
+            raise ConfigError(name, shown, "expected redis://host[:port], rediss://... or unix:///path")
+        return value
 
     def listen_addr(self, name: str, default: str) -> tuple[str, int]:
         """':6800' or 'host:port'. An empty host means all interfaces, as in Go."""

@@ -4,7 +4,11 @@ Format (UTF-8 JSON, indent 2, sorted keys, so operators can read it and ``jq`` i
 
     {"format": 1, "generated_at": "...Z", "source": "<backend URL>",
      "tokens": {"<client token>": {"token_id", "token_expire_at", "ai_model_id", "ai_model_name",
-                                   "ai_model_api_url", "ai_model_api_key"}}}
+                                   "ai_model_api_url", "ai_model_api_key",
+                                   ["token_max_concurrency"], ["token_rpm"]}}}
+
+The two per-token limits are optional (null or absent = the deployment's default; 0 = unlimited
+for this token) and written only when set, so a file without them is the same format 1.
 
 The file holds only active rows. It is always replaced whole (temp file in the same directory,
 fsync, mode 0600, ``os.replace``, fsync of the directory), so a reader never sees a torn file.
@@ -34,6 +38,8 @@ ROW_FIELDS = (
     "token_expire_at",
     "token_id",
 )
+LIMIT_FIELDS = ("token_max_concurrency", "token_rpm")  # optional; written only when not null
+MAX_LIMIT = 1_000_000_000
 _TEMP_SUFFIX = ".tmp"
 _SPACE_OR_CONTROL = re.compile(r"[\x00-\x20\x7f]").search
 _HEADER_UNSAFE = re.compile(r"[\x00-\x1f\x7f]").search
@@ -54,9 +60,16 @@ class TokenRow:
     ai_model_api_url: str
     ai_model_api_key: str
     expires_at: float | None  # token_expire_at as epoch seconds; derived, not written
+    token_max_concurrency: int | None = None  # None = the default (TOKEN_MAX_CONCURRENCY)
+    token_rpm: int | None = None  # None = the default (TOKEN_RPM)
 
     def to_json(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in ROW_FIELDS}
+        document = {name: getattr(self, name) for name in ROW_FIELDS}
+        if self.token_max_concurrency is not None:
+            document["token_max_concurrency"] = self.token_max_concurrency
+        if self.token_rpm is not None:
+            document["token_rpm"] = self.token_rpm
+        return document
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +151,15 @@ def _check_id(name: str, value: object) -> int | str | None:
     raise TableFormatError(f"{name} {value!r} is not a number or string")
 
 
+def check_limit(name: str, value: object) -> int | None:
+    """An optional per-token limit: null, or a whole number from 0 (unlimited) to MAX_LIMIT."""
+    if value is None:
+        return None
+    if type(value) is not int or not 0 <= value <= MAX_LIMIT:
+        raise TableFormatError(f"{name} {value!r} is not null or a whole number from 0 to {MAX_LIMIT}")
+    return value
+
+
 class RowMaker:
     """Validates rows into TokenRows. Models repeat across tokens, so the checks of a URL, a key
     and an expiry value are done once per distinct value (a 100,000-row table has few models)."""
@@ -176,6 +198,8 @@ class RowMaker:
             ai_model_api_url=url,
             ai_model_api_key=key,
             expires_at=expires_at,
+            token_max_concurrency=check_limit("token_max_concurrency", row.get("token_max_concurrency")),
+            token_rpm=check_limit("token_rpm", row.get("token_rpm")),
         )
 
 
@@ -315,9 +339,18 @@ def _dump_row(row: TokenRow) -> str:
         f'      "ai_model_id": {_json_value(row.ai_model_id)},\n'
         f'      "ai_model_name": {_json_value(row.ai_model_name)},\n'
         f'      "token_expire_at": {_json_value(row.token_expire_at)},\n'
-        f'      "token_id": {_json_value(row.token_id)}\n'
-        "    }"
+        f'      "token_id": {_json_value(row.token_id)}' + _dump_limits(row) + "\n    }"
     )
+
+
+def _dump_limits(row: TokenRow) -> str:
+    # Sorted after token_id ("token_i" < "token_m" < "token_r"); absent when null.
+    text = ""
+    if row.token_max_concurrency is not None:
+        text += f',\n      "token_max_concurrency": {int.__repr__(row.token_max_concurrency)}'
+    if row.token_rpm is not None:
+        text += f',\n      "token_rpm": {int.__repr__(row.token_rpm)}'
+    return text
 
 
 def serialize(table: TokenTable) -> bytes:

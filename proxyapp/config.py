@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from common.envparse import ConfigError, Env, metrics_dir
 from common.jsonlog import LEVELS
+from common.tokentable import MAX_LIMIT
 
 REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_TOKEN_FILE = os.path.join(REPO_DIR, "var", "tokens.json")
@@ -43,6 +44,15 @@ class ProxyConfig:
     max_client_connections: int = 10000
     sse_keepalive_seconds: float = 0.0
     metrics_dir: str = ""
+    token_max_concurrency: int = 0  # default per-token limits; 0 = unlimited
+    token_rpm: int = 0
+    limits_redis_url: str = ""  # "" = no Redis: limits found in the table are not enforced
+    limits_lease_seconds: float = 30.0
+
+    @property
+    def limits_by_env(self) -> bool:
+        """A default limit is configured (so every worker needs Redis to start)."""
+        return bool(self.token_max_concurrency or self.token_rpm)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> ProxyConfig:
@@ -50,6 +60,17 @@ class ProxyConfig:
         env = Env(environ)
         host, port = env.listen_addr("LISTEN_ADDR", ":6800")
         token_file = os.path.abspath(env.string("TOKEN_FILE", DEFAULT_TOKEN_FILE))
+        token_max_concurrency = env.integer("TOKEN_MAX_CONCURRENCY", 0, maximum=MAX_LIMIT)
+        token_rpm = env.integer("TOKEN_RPM", 0, maximum=MAX_LIMIT)
+        limits_redis_url = env.redis_url("LIMITS_REDIS_URL")
+        for name, value in (("TOKEN_MAX_CONCURRENCY", token_max_concurrency), ("TOKEN_RPM", token_rpm)):
+            if value and not limits_redis_url:
+                raise ConfigError(
+                    name,
+                    str(value),
+                    "a per-token limit needs LIMITS_REDIS_URL (the counts are shared by every worker "
+                    "through Redis; scripts/run starts a local redis-server and sets it)",
+                )
         return cls(
             enable_token_routing=env.boolean("ENABLE_TOKEN_ROUTING", True),
             listen_host=host,
@@ -78,6 +99,10 @@ class ProxyConfig:
             max_client_connections=env.integer("MAX_CLIENT_CONNECTIONS", 10000, minimum=1),
             sse_keepalive_seconds=env.number("SSE_KEEPALIVE_SECONDS", 0.0),
             metrics_dir=metrics_dir(env, token_file),
+            token_max_concurrency=token_max_concurrency,
+            token_rpm=token_rpm,
+            limits_redis_url=limits_redis_url,
+            limits_lease_seconds=env.number("LIMITS_LEASE_SECONDS", 30.0, minimum=1.0),
         )
 
 

@@ -16,6 +16,7 @@ _TYPE_BY_STATUS = {
     408: "timeout_error",
     413: "invalid_request_error",
     414: "invalid_request_error",
+    429: "rate_limit_error",
     431: "invalid_request_error",
     501: "invalid_request_error",
     502: "upstream_error",

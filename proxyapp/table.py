@@ -5,6 +5,9 @@
 
 The file is read through the same contract the workers use (common.tokentable), so a file this
 command rejects is one the workers reject too. Exit 1 when the file is bad or the token unknown.
+Per-token limits: the row's override (null = the default), and the effective limit with the
+defaults TOKEN_MAX_CONCURRENCY / TOKEN_RPM of this environment (0 = unlimited), and the token's
+Redis key id.
 """
 
 from __future__ import annotations
@@ -16,12 +19,15 @@ import sys
 import time
 
 from common import tokentable
+from common.envparse import ConfigError, Env
 from common.jsonlog import mask_secret
 from proxyapp.config import DEFAULT_TOKEN_FILE
+from proxyapp.limits import effective_limits
 
 
-def _route(token: str, row: tokentable.TokenRow) -> dict:
+def _route(token: str, row: tokentable.TokenRow, defaults: tuple[int, int] = (0, 0)) -> dict:
     expired = row.expires_at is not None and row.expires_at <= time.time()
+    limits = effective_limits(token, row.token_id, row.token_max_concurrency, row.token_rpm, *defaults)
     return {
         "token": mask_secret(token),
         "token_id": row.token_id,
@@ -31,6 +37,11 @@ def _route(token: str, row: tokentable.TokenRow) -> dict:
         "ai_model_api_key": mask_secret(row.ai_model_api_key),
         "token_expire_at": row.token_expire_at,
         "expired": expired,
+        "token_max_concurrency": row.token_max_concurrency,
+        "token_rpm": row.token_rpm,
+        "max_concurrency": limits.max_concurrency if limits else 0,
+        "rpm": limits.rpm if limits else 0,
+        "limit_key_id": limits.key_id if limits else None,
     }
 
 
@@ -42,6 +53,15 @@ def main(argv: list[str] | None = None) -> int:
     lookup = commands.add_parser("lookup", help="print the route of one client token (keys masked)")
     lookup.add_argument("token")
     args = parser.parse_args(argv)
+    env = Env()
+    try:
+        defaults = (
+            env.integer("TOKEN_MAX_CONCURRENCY", 0, maximum=tokentable.MAX_LIMIT),
+            env.integer("TOKEN_RPM", 0, maximum=tokentable.MAX_LIMIT),
+        )
+    except ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
     try:
         table, stat = tokentable.read(args.file)
     except tokentable.TableFormatError as exc:
@@ -52,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         if row is None:
             print(f"token {mask_secret(args.token)} is not in {args.file}", file=sys.stderr)
             return 1
-        print(json.dumps(_route(args.token, row), indent=2, ensure_ascii=False))
+        print(json.dumps(_route(args.token, row, defaults), indent=2, ensure_ascii=False))
         return 0
     header = {
         "file": args.file,
@@ -63,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(json.dumps(header, ensure_ascii=False))
     for token in sorted(table.tokens):
-        print(json.dumps(_route(token, table.tokens[token]), ensure_ascii=False))
+        print(json.dumps(_route(token, table.tokens[token], defaults), ensure_ascii=False))
     return 0
 
 

@@ -12,6 +12,7 @@ import logging
 import os
 import stat as stat_module
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import NamedTuple
 from urllib.parse import urlsplit
@@ -21,6 +22,7 @@ from gevent.event import Event
 
 from common import tokentable
 from common.jsonlog import mask_secret
+from proxyapp.limits import TokenLimits, limit_key_id
 
 log = logging.getLogger("proxy.table")
 
@@ -56,6 +58,22 @@ class Route:
     token_id: int | str | None
     expires_at: float | None
     upstream: Upstream
+    limits: TokenLimits | None = None  # effective per-token limits and Redis keys; None = unlimited
+
+
+@dataclass(frozen=True, slots=True)
+class LimitSettings:
+    """The defaults for every token (TOKEN_MAX_CONCURRENCY, TOKEN_RPM; 0 = unlimited) and whether
+    a Limiter with Redis enforces them (else limits found in the table are only warned about)."""
+
+    default_concurrency: int = 0
+    default_rpm: int = 0
+    enforced: bool = False
+
+    @classmethod
+    def from_config(cls, config) -> LimitSettings:
+        """From a ProxyConfig: its defaults, enforced when LIMITS_REDIS_URL is set."""
+        return cls(config.token_max_concurrency, config.token_rpm, bool(config.limits_redis_url))
 
 
 class FileVersion(NamedTuple):
@@ -79,6 +97,7 @@ class LoadedTable:
     generated_epoch: float | None
     loaded_at: float
     version: FileVersion
+    limited_tokens: int = 0  # routes with a per-token limit
 
 
 def _epoch(iso_text: str) -> float | None:
@@ -88,15 +107,39 @@ def _epoch(iso_text: str) -> float | None:
         return None
 
 
-def build_routes(table: tokentable.TokenTable, pause=None, pause_every: int = 5000) -> dict[str, Route]:
+def build_routes(
+    table: tokentable.TokenTable,
+    pause=None,
+    pause_every: int = 5000,
+    limits: LimitSettings = LimitSettings(),  # frozen: one shared default
+    previous: Mapping[str, Route] | None = None,
+) -> dict[str, Route]:
+    """The routes of one table version. Each token's effective limits and Redis keys are resolved
+    here, once per version (the previous version's are reused while unchanged), so the request
+    path does no work for them."""
     upstreams: dict[tuple[str, str, str], Upstream] = {}
     routes: dict[str, Route] = {}
+    default_concurrency, default_rpm = limits.default_concurrency, limits.default_rpm
+    previous = previous or {}
     for count, (token, row) in enumerate(table.tokens.items(), 1):
         key = (row.ai_model_api_url, row.ai_model_api_key, row.ai_model_name)
         upstream = upstreams.get(key)
         if upstream is None:
             upstream = upstreams[key] = Upstream.build(*key)
-        routes[token] = Route(row.token_id, row.expires_at, upstream)
+        concurrency = default_concurrency if row.token_max_concurrency is None else row.token_max_concurrency
+        rpm = default_rpm if row.token_rpm is None else row.token_rpm
+        token_limits = None
+        if concurrency or rpm:
+            before = previous.get(token)
+            token_limits = before.limits if before is not None else None
+            if (
+                token_limits is None
+                or token_limits.max_concurrency != concurrency
+                or token_limits.rpm != rpm
+                or before.token_id != row.token_id
+            ):
+                token_limits = TokenLimits.build(concurrency, rpm, limit_key_id(token, row.token_id))
+        routes[token] = Route(row.token_id, row.expires_at, upstream, token_limits)
         if pause is not None and count % pause_every == 0:
             pause()
     return routes
@@ -105,9 +148,10 @@ def build_routes(table: tokentable.TokenTable, pause=None, pause_every: int = 50
 class TableStore:
     """Holds the current table (``current``, None until the first good load) and watches the file."""
 
-    def __init__(self, path: str, poll_interval: float) -> None:
+    def __init__(self, path: str, poll_interval: float, limits: LimitSettings | None = None) -> None:
         self.path = path
         self.poll_interval = poll_interval
+        self.limits = limits or LimitSettings()
         self.current: LoadedTable | None = None
         self.reload_failures = 0
         self.on_reject = None  # called once per rejected version (the metrics count them)
@@ -148,7 +192,8 @@ class TableStore:
         try:
             table, st = tokentable.read(self.path, pause=_pause)
             version = FileVersion.of(st)
-            routes = build_routes(table, pause=_pause)
+            previous = self.current.routes if self.current is not None else None
+            routes = build_routes(table, pause=_pause, limits=self.limits, previous=previous)
         except tokentable.TableFormatError as exc:
             try:
                 version = FileVersion.of(os.stat(self.path))
@@ -157,12 +202,14 @@ class TableStore:
             self._reject(version, str(exc))
             return False
         self._warn_if_readable_by_others(st)
+        limited = sum(1 for route in routes.values() if route.limits is not None)
         self.current = LoadedTable(
             routes=routes,
             generated_at=table.generated_at,
             generated_epoch=_epoch(table.generated_at),
             loaded_at=time.time(),
             version=version,
+            limited_tokens=limited,
         )
         self._rejected = None
         log.info(
@@ -173,8 +220,15 @@ class TableStore:
                 "tokens": len(routes),
                 "generated_at": table.generated_at,
                 "load_ms": round((time.monotonic() - started) * 1000, 1),
+                "limited_tokens": limited,
             },
         )
+        if limited and not self.limits.enforced:
+            # Only row overrides can get here: a default limit without Redis stops start-up.
+            log.warning(
+                "token table sets per-token limits but LIMITS_REDIS_URL is not set: not enforced",
+                extra={"event": "limits_not_enforced", "path": self.path, "limited_tokens": limited},
+            )
         return True
 
     def _reject(self, version: FileVersion | None, reason: str) -> None:

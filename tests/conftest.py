@@ -19,6 +19,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from tests.support.procs import PYTHON, Process, free_port, port_open, wait_for  # noqa: E402
+from tests.support.redis_server import RedisServer  # noqa: E402
 from tests.support.tables import CLIENT_TOKEN, UPSTREAM_KEY, row, write_table  # noqa: E402
 from tests.support.tls import LocalCA, ServerCert  # noqa: E402
 
@@ -257,3 +258,12 @@ def auth() -> dict[str, str]:
 
 
 os.environ.setdefault("NO_PROXY", "127.0.0.1,localhost")
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    """A real redis-server on a unix socket (no TCP port, no persistence), stopped by PID."""
+    server = RedisServer(tmp_path)
+    server.start()
+    yield server
+    server.close()

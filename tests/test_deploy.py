@@ -79,9 +79,17 @@ CONFIG_VARS = (
     "PROXY_EXTRA_CONF",
     "DEMO_BACKEND_PORT",
     "DEMO_UPSTREAM_PORT",
+    "TOKEN_MAX_CONCURRENCY",
+    "TOKEN_RPM",
+    "LIMITS_REDIS_URL",
+    "LIMITS_LEASE_SECONDS",
+    "PROXY_LOCAL_REDIS",
+    "PROXY_REDIS_SERVER",
+    "PROXY_REDIS_LOGFILE",
+    "PROXY_REDIS_LOG_MAXBYTES",
 )
 STATUS_LINE = re.compile(r"^(\S+)\s+([A-Z]+)\s*(?:pid (\d+),)?")
-PROGRAM_MARKERS = ("wsgi.py", "syncer", "demo", "supervisord")
+PROGRAM_MARKERS = ("wsgi.py", "syncer", "demo", "supervisord", "redis-server")
 
 
 # ---------------------------------------------------------------------------- helpers

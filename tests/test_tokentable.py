@@ -72,6 +72,8 @@ SAMPLE_ROWS = {
     ),
     "tok-3": backend_row(token_id=None, ai_model_name=None, token_expire_at=1893456000.5),
     "tok-4": backend_row(token_expire_at=None, ai_model_api_key="key with spaces inside"),
+    "tok-5": backend_row(token_max_concurrency=2, token_rpm=0),
+    "tok-6": backend_row(token_rpm=600, token_max_concurrency=None),
 }
 
 
@@ -118,7 +120,11 @@ _row = st.fixed_dictionaries(
             st.floats(0, 2e10, allow_nan=False),
             st.just("2030-05-06T07:08:09Z"),
         ),
-    }
+    },
+    optional={
+        "token_max_concurrency": st.one_of(st.none(), st.integers(0, tokentable.MAX_LIMIT)),
+        "token_rpm": st.one_of(st.none(), st.integers(0, tokentable.MAX_LIMIT)),
+    },
 )
 
 
@@ -175,6 +181,12 @@ def test_parse_calls_pause_every_n_rows():
         (file_text(tokens={"sk-a": backend_row(token_id=1.5)}), "token_id 1.5"),
         (file_text(tokens={"sk-a": backend_row(ai_model_id={})}), "ai_model_id {}"),
         (file_text(tokens={"sk-a": backend_row(ai_model_name=3)}), "ai_model_name is not a string"),
+        (file_text(tokens={"sk-a": backend_row(token_max_concurrency=-1)}), "token_max_concurrency -1 is"),
+        (file_text(tokens={"sk-a": backend_row(token_max_concurrency=1.0)}), "token_max_concurrency 1.0"),
+        (file_text(tokens={"sk-a": backend_row(token_max_concurrency=True)}), "token_max_concurrency True"),
+        (file_text(tokens={"sk-a": backend_row(token_rpm="5")}), "token_rpm '5' is not null or a whole"),
+        (file_text(tokens={"sk-a": backend_row(token_rpm=10**9 + 1)}), "token_rpm 1000000001"),
+        (file_text(tokens={"sk-a": backend_row(token_rpm=[5])}), "token_rpm [5]"),
     ],
 )
 def test_bad_files_are_rejected_with_a_reason(data, reason):
@@ -241,6 +253,35 @@ def test_make_row_ignores_unknown_fields_and_derives_expiry():
     assert row.expires_at == dt.datetime(2099, 1, 1, tzinfo=dt.UTC).timestamp()
     assert set(row.to_json()) == set(tokentable.ROW_FIELDS)
     assert row.to_json()["token_expire_at"] == "2099-01-01T00:00:00Z"  # written as received
+
+
+def test_limit_fields_are_read_and_written_only_when_set():
+    table = table_of(SAMPLE_ROWS)
+    parsed = tokentable.parse(tokentable.serialize(table))
+    assert (parsed.tokens["tok-5"].token_max_concurrency, parsed.tokens["tok-5"].token_rpm) == (2, 0)
+    assert (parsed.tokens["tok-6"].token_max_concurrency, parsed.tokens["tok-6"].token_rpm) == (None, 600)
+    assert (parsed.tokens["tok-4"].token_max_concurrency, parsed.tokens["tok-4"].token_rpm) == (None, None)
+    document = json.loads(tokentable.serialize(table))
+    assert document["format"] == 1
+    assert document["tokens"]["tok-5"]["token_max_concurrency"] == 2
+    assert document["tokens"]["tok-5"]["token_rpm"] == 0  # 0 (unlimited for this token) is kept
+    assert "token_max_concurrency" not in document["tokens"]["tok-6"]  # null is left out
+    assert "token_max_concurrency" not in document["tokens"]["tok-4"]
+    assert "token_rpm" not in document["tokens"]["tok-4"]
+
+
+def test_a_file_written_before_the_limit_fields_loads_unchanged():
+    # Byte for byte what the syncer wrote before the fields existed.
+    data = (
+        b'{\n  "format": 1,\n  "generated_at": "2025-01-02T03:04:05Z",\n  "source": "http://b",\n'
+        b'  "tokens": {\n    "sk-old": {\n      "ai_model_api_key": "k",\n'
+        b'      "ai_model_api_url": "http://u/v1",\n      "ai_model_id": 1,\n'
+        b'      "ai_model_name": "m",\n      "token_expire_at": null,\n      "token_id": 4\n    }\n  }\n}\n'
+    )
+    table = tokentable.parse(data)
+    row = table.tokens["sk-old"]
+    assert (row.token_id, row.token_max_concurrency, row.token_rpm) == (4, None, None)
+    assert tokentable.serialize(table) == data
 
 
 def test_row_maker_caches_give_the_same_answers_as_make_row():
