@@ -80,12 +80,11 @@ class WorkerMetrics:
 
     # -- the request path
 
-    def observe(self, exchange) -> None:
-        """Count one finished exchange (called once, from Exchange.finish)."""
-        decision = exchange.decision
-        model = decision.route.upstream.model_name if decision is not None else ""
-        status = exchange.status
-        reason = exchange.end_reason
+    def observe(self, record) -> None:
+        """Count one finished request, from its access record (proxyapp.logs.AccessRecord)."""
+        model = record.model_name
+        status = record.status
+        reason = record.end_reason
         counters = self.counters
         counters[
             (
@@ -95,20 +94,20 @@ class WorkerMetrics:
                 ("end_reason", reason),
             )
         ] += 1
-        counters[("request_bytes_total", ("model", model))] += len(exchange.request_body)
-        counters[("response_bytes_total", ("model", model))] += exchange.response_bytes
-        now = time.perf_counter()
-        self._histogram("request_duration_seconds", model, now - exchange.started)
-        if exchange.first_byte_at is not None:
-            self._histogram("ttfb_seconds", model, exchange.first_byte_at - exchange.started)
+        counters[("request_bytes_total", ("model", model))] += len(record.request_body)
+        counters[("response_bytes_total", ("model", model))] += record.response_bytes
+        self._histogram("request_duration_seconds", model, record.duration)
+        ttfb = record.ttfb
+        if ttfb is not None:
+            self._histogram("ttfb_seconds", model, ttfb)
         if reason in ("client_gone", "client_send_timeout"):
             counters[("client_gone_total", ("model", model))] += 1
         kind = _UPSTREAM_ERROR_KIND.get(reason)
         if kind is not None:
-            if reason == "upstream_error" and exchange.status >= 500:
-                kind = "unreachable" if exchange.status == 502 else kind
+            if reason == "upstream_error" and status >= 500:
+                kind = "unreachable" if status == 502 else kind
             counters[("upstream_errors_total", ("kind", kind))] += 1
-        usage = exchange.usage_result
+        usage = record.usage
         if usage:
             for field, usage_kind in USAGE_KINDS:
                 value = usage.get(field)
