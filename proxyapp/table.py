@@ -16,8 +16,8 @@ import sys
 import time
 
 from common import tokentable
+from common.envparse import DEFAULT_TOKEN_FILE
 from common.jsonlog import mask_secret
-from proxyapp.config import DEFAULT_TOKEN_FILE
 
 
 def _route(token: str, row: tokentable.TokenRow) -> dict:

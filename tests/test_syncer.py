@@ -22,10 +22,10 @@ from pathlib import Path
 import pytest
 
 from common import tokentable
-from common.envparse import ConfigError
+from common.envparse import DEFAULT_TOKEN_FILE, REPO_DIR, ConfigError
 from syncer.__main__ import next_delay
 from syncer.backend import endpoint, safe_url
-from syncer.config import DEFAULT_TOKEN_FILE, REPO_DIR, SyncerConfig
+from syncer.config import SyncerConfig
 from syncer.sync import select_active
 from tests.fakes.backend import FakeBackendControl, generated_token
 from tests.support.procs import PYTHON, REPO, Process, free_port, port_open, wait_for
