@@ -15,6 +15,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from tests.support.procs import PYTHON, Process, free_port, port_open, wait_for  # noqa: E402
+from tests.support.secrets import log_leaks  # noqa: E402
 from tests.support.tables import CLIENT_TOKEN, UPSTREAM_KEY, row, write_table  # noqa: E402
 
 
@@ -136,3 +137,23 @@ def auth() -> dict[str, str]:
 
 
 os.environ.setdefault("NO_PROXY", "127.0.0.1,localhost")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionfinish(session, exitstatus) -> None:
+    """The run-wide secrets grep, over every log of this session: a leak fails the run."""
+    leaks = log_leaks()
+    if not leaks:
+        return
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        write = reporter.write_line
+    else:
+
+        def write(line: str, **_markup) -> None:
+            print(line, file=sys.stderr)
+
+    write(f"SECRETS LEAKED into the logs of this run ({len(leaks)}):", red=True, bold=True)
+    for leak in leaks:
+        write("  " + leak)
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED
