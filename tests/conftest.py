@@ -36,6 +36,17 @@ class FakeUpstream:
     def clear(self) -> None:
         requests.delete(self.url + "/_fake/requests", timeout=5)
 
+    def records_of(self, request_id: str) -> list[dict]:
+        """The requests the fake received with this X-Request-ID (how a test finds its own)."""
+        return [
+            record
+            for record in self.requests()
+            if any(n.lower() == "x-request-id" and v == request_id for n, v in record["headers"])
+        ]
+
+    def connection(self, conn_id: int) -> dict | None:
+        return next((c for c in self.connections() if c["conn_id"] == conn_id), None)
+
 
 def start_fake_upstream(log_dir: Path) -> FakeUpstream:
     port = free_port()
@@ -101,6 +112,22 @@ def start_proxy(tmp_path: Path, env: dict[str, str] | None = None, *, wait_ready
     if wait_ready and full_env.get("ENABLE_TOKEN_ROUTING", "true") == "true" and token_file.exists():
         wait_for(lambda: requests.get(proxy.url + "/_proxy/readyz", timeout=5).status_code == 200, timeout=10)
     return proxy
+
+
+@pytest.fixture
+def backend(tmp_path):
+    """The fake token backend (tests/fakes/backend.py) on its own port, for one test."""
+    from tests.fakes.backend import FakeBackendControl
+
+    port = free_port()
+    process = Process(
+        [PYTHON, "-m", "tests.fakes.backend", "--port", str(port)], {}, tmp_path / "backend.log"
+    )
+    try:
+        wait_for(lambda: port_open(port), timeout=15, what="the fake backend to listen")
+        yield FakeBackendControl(port)
+    finally:
+        process.stop()
 
 
 @pytest.fixture

@@ -11,15 +11,14 @@ import re
 import socket
 import struct
 import time
-import uuid
 
 import requests
 
 from tests.support.procs import wait_for
+from tests.support.rawhttp import new_id
 
 CHAT = "/v1/chat/completions"
 BODY = json.dumps({"model": "m-disconnect", "messages": [{"role": "user", "content": "hi"}]}).encode()
-EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -60,19 +59,11 @@ def abortive_close(sock: socket.socket) -> None:
     sock.close()
 
 
-def upstream_records(upstream, request_id: str) -> list[dict]:
-    return [
-        rec
-        for rec in upstream.requests()
-        if any(name.lower() == "x-request-id" and value == request_id for name, value in rec["headers"])
-    ]
-
-
 def closed_upstream_connection(upstream, request_id: str, timeout: float) -> dict:
     """The fake's record of the connection that carried ``request_id``, once it is closed."""
 
     def find():
-        records = upstream_records(upstream, request_id)
+        records = upstream.records_of(request_id)
         if not records:
             return None
         conn = next((c for c in upstream.connections() if c["conn_id"] == records[0]["conn_id"]), None)
@@ -88,10 +79,6 @@ def full_stream_size(upstream, fake: str) -> int:
     return len(response.content)
 
 
-def new_id() -> str:
-    return "d-" + uuid.uuid4().hex
-
-
 def in_flight(proxy) -> int:
     return requests.get(proxy.url + "/_proxy/readyz", timeout=5).json()["in_flight"]
 
@@ -100,7 +87,7 @@ def in_flight(proxy) -> int:
 
 
 def test_client_leaving_mid_stream_closes_the_upstream(proxy, upstream, auth):
-    request_id = new_id()
+    request_id = new_id("d")
     sock = open_stream(
         proxy.port, {**auth, "X-Fake": "sse;events=100;interval=0.1", "X-Request-ID": request_id}
     )
@@ -126,11 +113,11 @@ def test_client_leaving_mid_stream_closes_the_upstream(proxy, upstream, auth):
 
 def test_client_leaving_before_the_first_byte_closes_the_upstream(proxy, upstream, auth):
     """The hard case: the proxy has nothing to write yet, so only watching the client socket can tell."""
-    request_id = new_id()
+    request_id = new_id("d")
     sock = open_stream(
         proxy.port, {**auth, "X-Fake": "sse;events=3;first_delay=10", "X-Request-ID": request_id}
     )
-    wait_for(lambda: upstream_records(upstream, request_id), timeout=5, what="request at the upstream")
+    wait_for(lambda: upstream.records_of(request_id), timeout=5, what="request at the upstream")
     time.sleep(0.5)
     sock.close()
     left = time.time()
@@ -147,11 +134,11 @@ def test_client_leaving_before_the_first_byte_closes_the_upstream(proxy, upstrea
 
 
 def test_client_reset_before_the_first_byte_closes_the_upstream(proxy, upstream, auth):
-    request_id = new_id()
+    request_id = new_id("d")
     sock = open_stream(
         proxy.port, {**auth, "X-Fake": "sse;events=3;first_delay=10", "X-Request-ID": request_id}
     )
-    wait_for(lambda: upstream_records(upstream, request_id), timeout=5, what="request at the upstream")
+    wait_for(lambda: upstream.records_of(request_id), timeout=5, what="request at the upstream")
     time.sleep(0.3)
     abortive_close(sock)
     left = time.time()
@@ -165,7 +152,7 @@ def test_client_reset_before_the_first_byte_closes_the_upstream(proxy, upstream,
 def test_many_disconnects_leave_the_proxy_healthy(proxy, upstream, auth):
     ids = []
     for n in range(50):
-        request_id = new_id()
+        request_id = new_id("d")
         ids.append(request_id)
         sock = open_stream(
             proxy.port, {**auth, "X-Fake": "sse;events=100;interval=0.02", "X-Request-ID": request_id}

@@ -18,7 +18,6 @@ import socket
 import struct
 import subprocess
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -27,9 +26,8 @@ import requests
 
 from common import tokentable
 from tests.conftest import start_proxy
-from tests.fakes.backend import FakeBackendControl
-from tests.support.procs import LOG_FILES, PYTHON, REPO, Process, free_port, port_open, wait_for
-from tests.support.rawhttp import Resp, parse_one, read_response, read_until_close
+from tests.support.procs import LOG_FILES, PYTHON, REPO, free_port, wait_for
+from tests.support.rawhttp import Resp, new_id, parse_one, read_response, read_until_close
 from tests.support.sse import EVENT_END, StreamReader
 from tests.support.tables import CLIENT_TOKEN, UPSTREAM_KEY, row, write_table
 
@@ -87,13 +85,9 @@ def request(
     return head.encode() + b"\r\n" + body
 
 
-def new_id() -> str:
-    return "f-" + uuid.uuid4().hex
-
-
 def assert_echo_on(sock: socket.socket, path: str = "/after") -> None:
     """A normal request on the same client connection is answered correctly."""
-    request_id = new_id()
+    request_id = new_id("f")
     sock.sendall(request("echo", method="GET", path=path, request_id=request_id))
     resp = read_response(sock)
     assert resp.status == 200, resp
@@ -107,7 +101,7 @@ def assert_echo_on(sock: socket.socket, path: str = "/after") -> None:
 def assert_upstream_in_step(proxy, times: int = 4) -> None:
     """Fresh requests through the proxy to the same upstream get their own, whole responses."""
     for _ in range(times):
-        request_id = new_id()
+        request_id = new_id("f")
         response = requests.post(
             proxy.url + CHAT,
             headers={"Authorization": f"Bearer {CLIENT_TOKEN}", "X-Fake": "echo", "X-Request-ID": request_id},
@@ -169,7 +163,7 @@ def test_overlong_upstream_body_is_cut_to_its_content_length(fp):
 
 
 def test_short_upstream_body_cuts_the_client_response(fp):
-    request_id = new_id()
+    request_id = new_id("f")
     with socket.create_connection(("127.0.0.1", fp.port), timeout=10) as sock:
         sock.sendall(request("short", request_id=request_id))
         data, end = read_until_close(sock, 5.0)
@@ -182,7 +176,7 @@ def test_short_upstream_body_cuts_the_client_response(fp):
 
 
 def test_reset_sse_stream_ends_without_a_last_chunk(fp):
-    request_id = new_id()
+    request_id = new_id("f")
     with socket.create_connection(("127.0.0.1", fp.port), timeout=10) as sock:
         sock.sendall(request("sse;events=5;interval=0.05;reset_after=2", request_id=request_id))
         data, end = read_until_close(sock, 5.0)
@@ -198,17 +192,6 @@ def test_reset_sse_stream_ends_without_a_last_chunk(fp):
 
 
 # ------------------------------------------------------------------------------------------ backend / table
-
-
-@pytest.fixture
-def backend(tmp_path):
-    port = free_port()
-    proc = Process([PYTHON, "-m", "tests.fakes.backend", "--port", str(port)], {}, tmp_path / "backend.log")
-    try:
-        wait_for(lambda: port_open(port), timeout=15, what="the fake backend to listen")
-        yield FakeBackendControl(port)
-    finally:
-        proc.stop()
 
 
 _SERIAL = iter(range(1, 1_000_000))

@@ -50,11 +50,7 @@ def test_chat_completion(op, upstream):
     line = op.access_line(rid)
     assert line["path"] == "/chat/completions"
     assert line["status"] == 200
-    (record,) = [
-        r
-        for r in upstream.requests()
-        if any(n.lower() == "x-request-id" and v == rid for n, v in r["headers"])
-    ]
+    (record,) = upstream.records_of(rid)
     assert record["target"] == "/v1/chat/completions"
     assert [v for n, v in record["headers"] if n.lower() == "authorization"] == [f"Bearer {UPSTREAM_KEY}"]
 

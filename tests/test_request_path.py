@@ -12,13 +12,13 @@ import json
 import re
 import socket
 import time
-import uuid
 
 import pytest
 import requests
 
 from tests.conftest import start_proxy
 from tests.support.procs import free_port
+from tests.support.rawhttp import new_id
 from tests.support.tables import CLIENT_TOKEN, UPSTREAM_KEY, row, write_table
 
 HEX32 = re.compile(r"[0-9a-f]{32}")
@@ -56,21 +56,8 @@ def rp(tmp_path_factory, upstream):
     proxy.stop()
 
 
-def new_id() -> str:
-    return "t-" + uuid.uuid4().hex
-
-
 def bearer(token: str = CLIENT_TOKEN) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
-
-
-def received_by_upstream(upstream, request_id: str) -> list[dict]:
-    """Every request the fake upstream recorded with this X-Request-ID."""
-    found = []
-    for record in upstream.requests():
-        if any(n.lower() == "x-request-id" and v == request_id for n, v in record["headers"]):
-            found.append(record)
-    return found
 
 
 def values(record: dict, name: str) -> list[str]:
@@ -130,7 +117,7 @@ def test_valid_client_request_id_is_kept_everywhere(rp, upstream, client_id):
     ids=["129-chars", "space", "slash", "semicolon", "dollar", "colon", "non-ascii", "comma"],
 )
 def test_invalid_client_request_id_is_replaced_by_fresh_hex(rp, upstream, client_id):
-    marker = new_id()
+    marker = new_id("t")
     response = requests.post(
         rp.url + "/chat/completions",
         headers={**bearer(), "X-Fake": "echo", "X-Request-ID": client_id.encode("utf-8"), "X-Marker": marker},
@@ -168,7 +155,7 @@ def test_missing_request_id_gets_a_distinct_fresh_id_per_request(rp, upstream):
     ids=["401-missing", "401-unknown", "502-unreachable", "405-trace"],
 )
 def test_error_responses_carry_the_request_id(rp, method, path, headers, status):
-    client_id = new_id()
+    client_id = new_id("t")
     response = requests.request(
         method, rp.url + path, headers={**headers, "X-Request-ID": client_id}, timeout=TIMEOUT
     )
@@ -227,7 +214,7 @@ def test_credential_forms_are_accepted_and_replaced_by_the_upstream_key(rp, head
     ids=["none", "empty", "bearer-empty", "unknown-bearer", "unknown-bare", "unknown-x-api-key", "suffix"],
 )
 def test_missing_or_unknown_token_is_401_json(rp, upstream, headers, code):
-    rid = new_id()
+    rid = new_id("t")
     response = requests.post(
         rp.url + "/chat/completions",
         headers={**headers, "X-Request-ID": rid, "X-Fake": "echo"},
@@ -244,12 +231,12 @@ def test_missing_or_unknown_token_is_401_json(rp, upstream, headers, code):
     assert error["message"]
     assert error["type"]
     assert error["request_id"] == rid
-    assert received_by_upstream(upstream, rid) == []
+    assert upstream.records_of(rid) == []
 
 
 @pytest.mark.parametrize("token", [EXPIRED_ISO, EXPIRED_EPOCH], ids=["iso", "epoch"])
 def test_expired_token_is_401_token_expired(rp, upstream, token):
-    rid = new_id()
+    rid = new_id("t")
     response = requests.post(
         rp.url + "/chat/completions",
         headers={**bearer(token), "X-Request-ID": rid, "X-Fake": "echo"},
@@ -257,7 +244,7 @@ def test_expired_token_is_401_token_expired(rp, upstream, token):
     )
     assert response.status_code == 401
     assert response.json()["error"]["code"] == "token_expired"
-    assert received_by_upstream(upstream, rid) == []
+    assert upstream.records_of(rid) == []
 
 
 @pytest.mark.parametrize("token", [FUTURE_ISO, FUTURE_EPOCH], ids=["iso", "epoch"])
@@ -409,9 +396,9 @@ def test_x_forwarded_for_gets_the_client_address_appended(rp):
 
 
 def test_client_token_appears_nowhere_upstream(rp, upstream):
-    rid = new_id()
+    rid = new_id("t")
     echo(rp, headers={**bearer(), "X-Request-ID": rid, "X-Other": "1"}, json={"model": "m"})
-    (record,) = received_by_upstream(upstream, rid)
+    (record,) = upstream.records_of(rid)
     assert CLIENT_TOKEN not in json.dumps(record)
     assert CLIENT_TOKEN.encode() not in base64.b64decode(record["body_b64"])
     assert values(record, "Authorization") == [f"Bearer {UPSTREAM_KEY}"]
@@ -435,7 +422,7 @@ def test_never_both_content_length_and_transfer_encoding(rp, method):
 
 
 def test_nothing_of_our_own_is_added(rp, upstream):
-    rid = new_id()
+    rid = new_id("t")
     status, _, _ = raw_request(
         rp.port,
         (
@@ -444,7 +431,7 @@ def test_nothing_of_our_own_is_added(rp, upstream):
         ).encode(),
     )
     assert status == 200
-    (record,) = received_by_upstream(upstream, rid)
+    (record,) = upstream.records_of(rid)
     present = names(record)
     for name in ("user-agent", "accept-encoding", "accept", "cookie"):
         assert name not in present, (name, record["headers"])
