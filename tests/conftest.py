@@ -130,6 +130,15 @@ def backend(tmp_path):
         process.stop()
 
 
+def module_proxy(tmp_path_factory, name: str, rows: dict[str, dict], env: dict[str, str] | None = None):
+    """A proxy serving a whole module, for scope="module" fixtures: ``yield from module_proxy(...)``."""
+    tmp = tmp_path_factory.mktemp(name)
+    write_table(tmp / "tokens.json", rows)
+    proxy = start_proxy(tmp, env)
+    yield proxy
+    proxy.stop()
+
+
 @pytest.fixture
 def default_rows(upstream) -> dict[str, dict]:
     return {CLIENT_TOKEN: row(upstream.url + "/v1", UPSTREAM_KEY, token_id=7, ai_model_name="FakeModel")}

@@ -70,8 +70,7 @@ def test_health_and_control_requests_are_not_recorded(upstream):
 
 
 def test_sse_events_arrive_on_time_one_chunk_each(upstream):
-    raw = RawClient(upstream, timeout=5.0)
-    try:
+    with RawClient(upstream, timeout=5.0) as raw:
         fake_request(raw, fake="sse;events=5;interval=0.1;usage")
         status, headers = read_head(raw)
         assert status == 200
@@ -81,8 +80,6 @@ def test_sse_events_arrive_on_time_one_chunk_each(upstream):
         chunks = []
         while (piece := raw.read_chunk()) is not None:
             chunks.append((time.time(), piece))
-    finally:
-        raw.close()
     events = [json.loads(piece[len(b"data: ") :]) for _, piece in chunks[:5]]
     assert [e["i"] for e in events] == [0, 1, 2, 3, 4]
     for (arrived, piece), event in zip(chunks, events, strict=False):
@@ -119,8 +116,7 @@ def test_gzip_with_content_length(upstream):
 
 def test_echo_records_headers_in_order_and_chunked_body(upstream):
     marker = uuid.uuid4().hex
-    raw = RawClient(upstream, timeout=5.0)
-    try:
+    with RawClient(upstream, timeout=5.0) as raw:
         raw.sock.sendall(
             b"POST /v1/echo?a=1&b=%2F HTTP/1.1\r\n"
             b"Host: upstream.test\r\n"
@@ -133,8 +129,6 @@ def test_echo_records_headers_in_order_and_chunked_body(upstream):
             b"5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\n\r\n"
         )
         status, _headers, body = raw.read_response()
-    finally:
-        raw.close()
     assert status == 200
     echo = json.loads(body)
     assert echo["method"] == "POST"
@@ -155,16 +149,13 @@ def test_echo_records_headers_in_order_and_chunked_body(upstream):
 
 
 def test_reset_after_gives_client_connection_error(upstream):
-    raw = RawClient(upstream, timeout=5.0)
     events = 0
-    try:
+    with RawClient(upstream, timeout=5.0) as raw:
         fake_request(raw, fake="sse;events=10;interval=0.05;reset_after=2")
         assert read_head(raw)[0] == 200
         with pytest.raises(EOFError):
             while raw.read_chunk() is not None:
                 events += 1
-    finally:
-        raw.close()
     assert events == 2
     assert raw.reset, "the connection ended with a FIN, not a reset"
 
@@ -187,8 +178,7 @@ def test_reset_after_gives_client_connection_error(upstream):
 )
 def test_client_gone_is_detected(upstream, fake, read_first_event):
     marker = uuid.uuid4().hex
-    raw = RawClient(upstream, timeout=5.0)
-    try:
+    with RawClient(upstream, timeout=5.0) as raw:
         fake_request(raw, fake=fake, headers=[("X-Marker", marker)])
         if read_first_event:
             read_head(raw)
@@ -196,8 +186,6 @@ def test_client_gone_is_detected(upstream, fake, read_first_event):
         rec = wait_for(lambda: record_with(upstream, "X-Marker", marker), timeout=2)
         time.sleep(0.3)
         assert connection(upstream, rec["conn_id"])["closed"] is None
-    finally:
-        raw.close()
     t_closed = time.time()
     conn = wait_for(
         lambda: (c := connection(upstream, rec["conn_id"])) and c["peer_gone_during_response"] and c,
@@ -209,8 +197,7 @@ def test_client_gone_is_detected(upstream, fake, read_first_event):
 
 
 def test_keep_alive_shares_conn_id_and_close_is_honoured(upstream):
-    raw = RawClient(upstream, timeout=5.0)
-    try:
+    with RawClient(upstream, timeout=5.0) as raw:
         fake_request(raw, fake="echo")
         first = json.loads(raw.read_response()[2])
         fake_request(raw, fake="json;size=1000", method="POST", body=b'{"model": "ka"}')
@@ -222,16 +209,13 @@ def test_keep_alive_shares_conn_id_and_close_is_honoured(upstream):
         assert ("Connection", "close") in headers
         third = json.loads(body)
         assert raw.read_to_eof() == b""
-    finally:
-        raw.close()
     assert first["conn_id"] == third["conn_id"]
     conn = connection(upstream, first["conn_id"])
     assert conn["requests"] == 3 and conn["closed_by"] == "server"
 
 
 def test_status_204_has_no_body(upstream):
-    raw = RawClient(upstream, timeout=5.0)
-    try:
+    with RawClient(upstream, timeout=5.0) as raw:
         fake_request(raw, fake="json;status=204")
         status, headers = read_head(raw)
         assert status == 204
@@ -243,48 +227,34 @@ def test_status_204_has_no_body(upstream):
         status, _headers, body = raw.read_response()
         assert status == 429 and json.loads(body)["error"]["type"] == "fake"
         assert raw.buf == b""
-    finally:
-        raw.close()
 
 
 def test_header_options_and_wire_faults(upstream):
-    raw = RawClient(upstream, timeout=5.0)
-    try:
+    with RawClient(upstream, timeout=5.0) as raw:
         fake_request(
             raw,
             fake="json;cookies;noctype;header=Connection:X-Foo;header=X-Foo:bar;"
             "header=Keep-Alive:timeout=5;header=Transfer-Encoding:chunked",
         )
         status, headers, _body = raw.read_response()
-    finally:
-        raw.close()
     assert status == 200
     assert [v for n, v in headers if n == "Set-Cookie"] == ["a=1; Path=/", "b=2; Path=/"]
     assert ("Connection", "X-Foo") in headers and ("X-Foo", "bar") in headers
     assert ("Keep-Alive", "timeout=5") in headers
     assert not any(n in ("Content-Type", "Transfer-Encoding") for n, _ in headers)
 
-    raw = RawClient(upstream, timeout=5.0)
-    try:
+    with RawClient(upstream, timeout=5.0) as raw:
         fake_request(raw, fake="garbage")
         assert raw.read_to_eof() == b"HTTP/1.1 abc\r\n\r\n"
-    finally:
-        raw.close()
 
-    raw = RawClient(upstream, timeout=5.0)
-    try:
+    with RawClient(upstream, timeout=5.0) as raw:
         fake_request(raw, fake="short")
         status, headers = read_head(raw)
         assert ("Content-Length", "100") in headers
         assert len(raw.read_to_eof()) == 10
-    finally:
-        raw.close()
 
-    raw = RawClient(upstream, timeout=5.0)
-    try:
+    with RawClient(upstream, timeout=5.0) as raw:
         fake_request(raw, fake="sse;framing=close;events=2;interval=0.01")
         status, headers = read_head(raw)
         assert ("Connection", "close") in headers
         assert raw.read_to_eof().endswith(b"data: [DONE]\n\n")
-    finally:
-        raw.close()

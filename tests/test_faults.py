@@ -25,8 +25,8 @@ import pytest
 import requests
 
 from common import tokentable
-from tests.conftest import start_proxy
-from tests.support.procs import LOG_FILES, PYTHON, REPO, free_port, wait_for
+from tests.conftest import module_proxy
+from tests.support.procs import LOG_FILES, PYTHON, REPO, free_port, json_records, wait_for
 from tests.support.rawhttp import Resp, new_id, parse_one, read_response, read_until_close
 from tests.support.sse import EVENT_END, StreamReader
 from tests.support.tables import CLIENT_TOKEN, UPSTREAM_KEY, row, write_table
@@ -41,15 +41,11 @@ TEMP_FILE = re.compile(r"^\.tokens\.json\..*\.tmp$")
 
 @pytest.fixture(scope="module")
 def fp(tmp_path_factory, upstream):
-    tmp = tmp_path_factory.mktemp("faults")
     rows = {
         CLIENT_TOKEN: row(upstream.url + "/v1", UPSTREAM_KEY, token_id=7),
         DEAD_TOKEN: row(f"http://127.0.0.1:{free_port()}/v1", UPSTREAM_KEY, token_id=8),
     }
-    write_table(tmp / "tokens.json", rows)
-    proxy = start_proxy(tmp)
-    yield proxy
-    proxy.stop()
+    yield from module_proxy(tmp_path_factory, "faults", rows)
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -257,17 +253,6 @@ def temp_files(directory: Path) -> list[str]:
 def plain_lines(output: str) -> list[str]:
     """What the syncer printed outside its JSON log (its one-line reason on stderr)."""
     return [line for line in output.splitlines() if line.strip() and not line.startswith("{")]
-
-
-def json_records(output: str) -> list[dict]:
-    records = []
-    for line in output.splitlines():
-        if line.startswith("{"):
-            try:
-                records.append(json.loads(line))
-            except ValueError:
-                pass
-    return records
 
 
 def proxied_ok(proxy) -> bool:

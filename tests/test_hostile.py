@@ -27,9 +27,9 @@ import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import start_proxy
+from tests.conftest import module_proxy
 from tests.support.rawhttp import Resp, parse_one, read_response, read_until_close
-from tests.support.tables import CLIENT_TOKEN, UPSTREAM_KEY, row, write_table
+from tests.support.tables import CLIENT_TOKEN, UPSTREAM_KEY, row
 
 pytestmark = pytest.mark.hostile
 
@@ -48,11 +48,9 @@ FIGURES = {"cases": 0, "fuzz": 0, "smuggled": 0, "proxy_5xx": 0}
 
 @pytest.fixture(scope="module")
 def hp(tmp_path_factory, upstream):
-    tmp = tmp_path_factory.mktemp("hostile")
-    write_table(tmp / "tokens.json", {CLIENT_TOKEN: row(upstream.url + "/v1", UPSTREAM_KEY, token_id=7)})
-    proxy = start_proxy(tmp, {"MAX_BODY_BYTES": str(MAX_BODY), "CLIENT_HEADER_TIMEOUT": str(HEADER_TIMEOUT)})
-    yield proxy
-    proxy.stop()
+    rows = {CLIENT_TOKEN: row(upstream.url + "/v1", UPSTREAM_KEY, token_id=7)}
+    env = {"MAX_BODY_BYTES": str(MAX_BODY), "CLIENT_HEADER_TIMEOUT": str(HEADER_TIMEOUT)}
+    yield from module_proxy(tmp_path_factory, "hostile", rows, env)
 
 
 # ------------------------------------------------------------------------------------------ helpers

@@ -11,35 +11,26 @@ import uuid
 import pytest
 import requests
 
-from tests.conftest import start_proxy
+from tests.conftest import module_proxy
 from tests.support.rawhttp import new_id
-from tests.support.tables import CLIENT_TOKEN, UPSTREAM_KEY, register_secret, row, write_table
+from tests.support.tables import CLIENT_TOKEN, UPSTREAM_KEY, register_secret, row
 
 TIMEOUT = 10
 ELLIPSIS = "\u2026"
 
 
-def start(tmp_path_factory, upstream, name: str, env: dict[str, str] | None = None):
-    tmp = tmp_path_factory.mktemp(name)
-    write_table(
-        tmp / "tokens.json",
-        {CLIENT_TOKEN: row(upstream.url + "/v1", UPSTREAM_KEY, token_id=7, ai_model_name="FakeModel")},
-    )
-    return start_proxy(tmp, env)
+def rows(upstream) -> dict[str, dict]:
+    return {CLIENT_TOKEN: row(upstream.url + "/v1", UPSTREAM_KEY, token_id=7, ai_model_name="FakeModel")}
 
 
 @pytest.fixture(scope="module")
 def lp(tmp_path_factory, upstream):
-    proxy = start(tmp_path_factory, upstream, "logging")
-    yield proxy
-    proxy.stop()
+    yield from module_proxy(tmp_path_factory, "logging", rows(upstream))
 
 
 @pytest.fixture(scope="module")
 def small(tmp_path_factory, upstream):
-    proxy = start(tmp_path_factory, upstream, "logging-small", {"LOG_BODY_MAX_BYTES": "100"})
-    yield proxy
-    proxy.stop()
+    yield from module_proxy(tmp_path_factory, "logging-small", rows(upstream), {"LOG_BODY_MAX_BYTES": "100"})
 
 
 AUTH = {"Authorization": f"Bearer {CLIENT_TOKEN}"}

@@ -16,10 +16,10 @@ import time
 import pytest
 import requests
 
-from tests.conftest import start_proxy
+from tests.conftest import module_proxy
 from tests.support.procs import free_port
 from tests.support.rawhttp import new_id
-from tests.support.tables import CLIENT_TOKEN, UPSTREAM_KEY, row, write_table
+from tests.support.tables import CLIENT_TOKEN, UPSTREAM_KEY, row
 
 HEX32 = re.compile(r"[0-9a-f]{32}")
 TIMEOUT = 10
@@ -37,7 +37,6 @@ FUTURE_EPOCH = "tok-future-epoch-8b6d"
 @pytest.fixture(scope="module")
 def rp(tmp_path_factory, upstream):
     """One token-routing proxy for the module, with rows for every routing case."""
-    tmp = tmp_path_factory.mktemp("request-path")
     now = int(time.time())
     v1 = upstream.url + "/v1"
     rows = {
@@ -50,10 +49,7 @@ def rp(tmp_path_factory, upstream):
         FUTURE_ISO: row(v1, UPSTREAM_KEY, token_id=13, token_expire_at="2999-01-01T00:00:00Z"),
         FUTURE_EPOCH: row(v1, UPSTREAM_KEY, token_id=14, token_expire_at=now + 86400 * 365),
     }
-    write_table(tmp / "tokens.json", rows)
-    proxy = start_proxy(tmp)
-    yield proxy
-    proxy.stop()
+    yield from module_proxy(tmp_path_factory, "request-path", rows)
 
 
 def bearer(token: str = CLIENT_TOKEN) -> dict[str, str]:

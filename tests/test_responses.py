@@ -14,7 +14,7 @@ import time
 import pytest
 import requests
 
-from tests.conftest import start_proxy
+from tests.conftest import module_proxy
 from tests.support.procs import PYTHON, REPO, Process, free_port, wait_for
 from tests.support.rawhttp import RawClient, new_id
 from tests.support.tables import SECRETS, UPSTREAM_KEY, row, write_table
@@ -28,15 +28,11 @@ DEAD_KEY = "sk-dead-upstream-key-0f9e8d7c6b5a4f3e"
 
 @pytest.fixture(scope="module")
 def rp(tmp_path_factory, upstream):
-    tmp = tmp_path_factory.mktemp("responses")
     rows = {
         TOKEN: row(upstream.url + "/v1", UPSTREAM_KEY, token_id=21),
         DEAD_TOKEN: row(f"http://127.0.0.1:{free_port()}/v1", DEAD_KEY, token_id=22),
     }
-    write_table(tmp / "tokens.json", rows)
-    proxy = start_proxy(tmp)
-    yield proxy
-    proxy.stop()
+    yield from module_proxy(tmp_path_factory, "responses", rows)
 
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

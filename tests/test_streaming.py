@@ -6,10 +6,12 @@ Every test talks to ``python wsgi.py`` on a real port, forwarding to the fake up
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import time
 import zlib
+from collections.abc import Iterator
 
 import pytest
 import requests
@@ -39,13 +41,20 @@ def send_chat(client: RawClient, headers: dict[str, str]) -> None:
     client.send_request("POST", CHAT, {**headers, "Content-Type": "application/json"}, BODY)
 
 
+@contextlib.contextmanager
+def chat_stream(port: int, headers: dict[str, str]) -> Iterator[RawClient]:
+    """The chat request on a new connection; the client, once the response head is read."""
+    with RawClient(port) as client:
+        send_chat(client, headers)
+        client.read_head()
+        yield client
+
+
 def fetch_timed(port: int, headers: dict[str, str]) -> tuple[RawClient, bytes, float]:
     """The chat request on a new connection, its whole response read: (the closed client, with its
     status, headers, clean_end and eof; the body; seconds from the request to the body's end)."""
     started = time.monotonic()
-    with RawClient(port) as client:
-        send_chat(client, headers)
-        client.read_head()
+    with chat_stream(port, headers) as client:
         body = client.read_body()
     return client, body, time.monotonic() - started
 
@@ -61,16 +70,13 @@ def fetch_raw(port: int, headers: dict[str, str]) -> tuple[int, dict[str, str], 
 @pytest.mark.parametrize("framing", ["chunked", "length", "close"])
 def test_sse_events_are_forwarded_as_they_arrive(proxy, auth, framing):
     request_id = new_id("t")
-    client = RawClient(proxy.port)
-    try:
-        send_chat(client, request_headers(auth, f"sse;events=20;interval=0.1;framing={framing}", request_id))
-        status, headers = client.read_head()
-        assert status == 200
-        assert headers["content-type"] == "text/event-stream"
+    with chat_stream(
+        proxy.port, request_headers(auth, f"sse;events=20;interval=0.1;framing={framing}", request_id)
+    ) as client:
+        assert client.status == 200
+        assert client.headers["content-type"] == "text/event-stream"
         events = list(sse_events(client.iter_body()))
         assert client.clean_end
-    finally:
-        client.close()
     assert events[-1][1] == "[DONE]"
     chunks = [(arrived, json.loads(data)) for arrived, data in events[:-1]]
     assert [event["i"] for _, event in chunks] == list(range(20))
@@ -120,18 +126,15 @@ def test_gzip_stream_passes_through_compressed(proxy, upstream, auth):
 @pytest.mark.parametrize("fault", ["reset_after", "close_after"])
 def test_upstream_failure_mid_stream_cuts_the_client_response(proxy, auth, fault):
     request_id = new_id("t")
-    client = RawClient(proxy.port)
-    try:
-        send_chat(client, request_headers(auth, f"sse;events=10;interval=0.05;{fault}=3", request_id))
-        status, headers = client.read_head()
-        assert status == 200
-        assert headers.get("transfer-encoding", "").lower() == "chunked"
+    with chat_stream(
+        proxy.port, request_headers(auth, f"sse;events=10;interval=0.05;{fault}=3", request_id)
+    ) as client:
+        assert client.status == 200
+        assert client.headers.get("transfer-encoding", "").lower() == "chunked"
         events = [data for _, data in sse_events(client.iter_body())]
         assert not client.clean_end, "the response ended with a clean last chunk after an upstream failure"
         assert client.eof, "the connection was not closed"
         assert b"0\r\n\r\n" not in client.buf
-    finally:
-        client.close()
     assert [json.loads(data)["i"] for data in events] == [0, 1, 2]
     access = proxy.access_line(request_id)
     assert access["end_reason"] == "upstream_error", access
@@ -254,15 +257,12 @@ def test_post_reset_by_upstream_after_answering_is_not_retried(proxy, upstream, 
     """Once the upstream started answering, a reset is the client's to see: the POST is not sent again
     (a second generation could be billed twice)."""
     request_id = new_id("t")
-    client = RawClient(proxy.port)
-    try:
-        send_chat(client, request_headers(auth, "json;size=2000;reset_after=1;interval=0.1", request_id))
-        status, headers = client.read_head()
-        assert status == 200
+    with chat_stream(
+        proxy.port, request_headers(auth, "json;size=2000;reset_after=1;interval=0.1", request_id)
+    ) as client:
+        assert client.status == 200
         body = client.read_body()
-        assert not client.clean_end and len(body) < int(headers["content-length"])
-    finally:
-        client.close()
+        assert not client.clean_end and len(body) < int(client.headers["content-length"])
     assert proxy.access_line(request_id)["end_reason"] == "upstream_error"
     assert len(upstream.records_of(request_id)) == 1
 

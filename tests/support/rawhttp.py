@@ -256,32 +256,31 @@ class RawClient:
                     self.clean_end = True
                     return
                 del self.buf[: line_end + 2]
-                need = size
-                while need:
-                    if not self.buf and not self._fill():
-                        return
-                    piece = self._take(min(need, len(self.buf)))
-                    need -= len(piece)
-                    yield time.time(), piece
+                if not (yield from self._counted(size)):
+                    return
                 while len(self.buf) < 2:
                     if not self._fill():
                         return
                 assert self._take(2) == b"\r\n", "chunk data not followed by CRLF"
         elif "content-length" in headers:
-            need = int(headers["content-length"])
-            while need:
-                if not self.buf and not self._fill():
-                    return
-                piece = self._take(min(need, len(self.buf)))
-                need -= len(piece)
-                yield time.time(), piece
-            self.clean_end = True
+            self.clean_end = yield from self._counted(int(headers["content-length"]))
         else:
             while True:
                 if not self.buf and not self._fill():
                     self.clean_end = not self.reset
                     return
                 yield time.time(), self._take(len(self.buf))
+
+    def _counted(self, need: int):
+        """Yield (arrival time, bytes) until ``need`` bytes came; return False if the connection
+        ended first."""
+        while need:
+            if not self.buf and not self._fill():
+                return False
+            piece = self._take(min(need, len(self.buf)))
+            need -= len(piece)
+            yield time.time(), piece
+        return True
 
     def read_body(self, method: str = "GET") -> bytes:
         return b"".join(piece for _, piece in self.iter_body(method))
