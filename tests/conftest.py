@@ -47,6 +47,20 @@ class FakeUpstream:
     def connection(self, conn_id: int) -> dict | None:
         return next((c for c in self.connections() if c["conn_id"] == conn_id), None)
 
+    def closed_connection_of(self, request_id: str, timeout: float) -> dict:
+        """The fake's record of the connection that carried ``request_id``, once it is closed."""
+
+        def find():
+            records = self.records_of(request_id)
+            if not records:
+                return None
+            conn = self.connection(records[0]["conn_id"])
+            return conn if conn is not None and conn["closed"] is not None else None
+
+        return wait_for(
+            find, timeout=timeout, interval=0.02, what=f"upstream connection of {request_id} closed"
+        )
+
 
 def start_fake_upstream(log_dir: Path) -> FakeUpstream:
     port = free_port()

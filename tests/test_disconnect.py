@@ -59,17 +59,18 @@ def abortive_close(sock: socket.socket) -> None:
     sock.close()
 
 
-def closed_upstream_connection(upstream, request_id: str, timeout: float) -> dict:
-    """The fake's record of the connection that carried ``request_id``, once it is closed."""
-
-    def find():
-        records = upstream.records_of(request_id)
-        if not records:
-            return None
-        conn = next((c for c in upstream.connections() if c["conn_id"] == records[0]["conn_id"]), None)
-        return conn if conn is not None and conn["closed"] is not None else None
-
-    return wait_for(find, timeout=timeout, interval=0.02, what=f"upstream connection of {request_id} closed")
+def leave_before_the_first_byte(proxy, upstream, auth, leave, after: float) -> tuple[str, dict, float]:
+    """A stream whose first byte comes after 10 s: once the upstream has the request, wait ``after``
+    seconds and ``leave(sock)``. (request ID, the upstream connection once closed, when we left.)"""
+    request_id = new_id("d")
+    sock = open_stream(
+        proxy.port, {**auth, "X-Fake": "sse;events=3;first_delay=10", "X-Request-ID": request_id}
+    )
+    wait_for(lambda: upstream.records_of(request_id), timeout=5, what="request at the upstream")
+    time.sleep(after)
+    leave(sock)
+    left = time.time()
+    return request_id, upstream.closed_connection_of(request_id, timeout=5), left
 
 
 def full_stream_size(upstream, fake: str) -> int:
@@ -98,7 +99,7 @@ def test_client_leaving_mid_stream_closes_the_upstream(proxy, upstream, auth):
         sock.close()
     left = time.time()
 
-    conn = closed_upstream_connection(upstream, request_id, timeout=5)
+    conn = upstream.closed_connection_of(request_id, timeout=5)
     assert conn["peer_gone_during_response"] is True, conn
     assert conn["closed_by"] == "client", conn
     assert conn["closed"] - left < 1.0, f"upstream closed {conn['closed'] - left:.2f}s after the client left"
@@ -113,16 +114,7 @@ def test_client_leaving_mid_stream_closes_the_upstream(proxy, upstream, auth):
 
 def test_client_leaving_before_the_first_byte_closes_the_upstream(proxy, upstream, auth):
     """The hard case: the proxy has nothing to write yet, so only watching the client socket can tell."""
-    request_id = new_id("d")
-    sock = open_stream(
-        proxy.port, {**auth, "X-Fake": "sse;events=3;first_delay=10", "X-Request-ID": request_id}
-    )
-    wait_for(lambda: upstream.records_of(request_id), timeout=5, what="request at the upstream")
-    time.sleep(0.5)
-    sock.close()
-    left = time.time()
-
-    conn = closed_upstream_connection(upstream, request_id, timeout=5)
+    request_id, conn, left = leave_before_the_first_byte(proxy, upstream, auth, socket.socket.close, 0.5)
     assert conn["closed"] - left < 1.0, f"upstream closed {conn['closed'] - left:.2f}s after the client left"
     assert conn["peer_gone_during_response"] is True, conn
     assert conn["closed_by"] == "client", conn
@@ -134,15 +126,7 @@ def test_client_leaving_before_the_first_byte_closes_the_upstream(proxy, upstrea
 
 
 def test_client_reset_before_the_first_byte_closes_the_upstream(proxy, upstream, auth):
-    request_id = new_id("d")
-    sock = open_stream(
-        proxy.port, {**auth, "X-Fake": "sse;events=3;first_delay=10", "X-Request-ID": request_id}
-    )
-    wait_for(lambda: upstream.records_of(request_id), timeout=5, what="request at the upstream")
-    time.sleep(0.3)
-    abortive_close(sock)
-    left = time.time()
-    conn = closed_upstream_connection(upstream, request_id, timeout=5)
+    request_id, conn, left = leave_before_the_first_byte(proxy, upstream, auth, abortive_close, 0.3)
     assert conn["closed"] - left < 1.0
     assert conn["peer_gone_during_response"] is True
     access = proxy.access_line(request_id)
@@ -168,7 +152,7 @@ def test_many_disconnects_leave_the_proxy_healthy(proxy, upstream, auth):
     # Every exchange is over: nothing in flight, every upstream connection closed, one access line each.
     wait_for(lambda: in_flight(proxy) == 0, timeout=2, what="in_flight back to 0")
     for request_id in ids:
-        conn = closed_upstream_connection(upstream, request_id, timeout=5)
+        conn = upstream.closed_connection_of(request_id, timeout=5)
         assert conn["peer_gone_during_response"] is True, conn
     wait_for(
         lambda: len({r["request_id"] for r in proxy.access_lines() if r["request_id"] in ids}) == 50,

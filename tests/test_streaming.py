@@ -16,7 +16,6 @@ from collections.abc import Iterator
 import pytest
 import requests
 
-from tests.support.procs import wait_for
 from tests.support.rawhttp import CHAT, RawClient, new_id
 from tests.support.sse import sse_events
 
@@ -180,12 +179,8 @@ def test_upstream_read_timeout_answers_504(proxy_factory, default_rows, upstream
     access = proxy.access_line(request_id)
     assert access["status"] == 504 and access["end_reason"] == "upstream_timeout", access
     # The upstream connection is given up, not left to generate for nobody.
-    (record,) = upstream.records_of(request_id)
-    conn = wait_for(
-        lambda: (c := upstream.connection(record["conn_id"])) and c["closed"] and c,
-        timeout=3,
-        what="upstream connection closed",
-    )
+    assert len(upstream.records_of(request_id)) == 1
+    conn = upstream.closed_connection_of(request_id, timeout=3)
     assert conn["closed_by"] == "client"
 
 
@@ -205,12 +200,8 @@ def test_upstream_silent_mid_stream_longer_than_the_read_timeout_is_cut(
     assert 0.9 <= ended < 2.6, ended
     access = proxy.access_line(request_id)
     assert access["end_reason"] == "upstream_timeout", access
-    (record,) = upstream.records_of(request_id)
-    conn = wait_for(
-        lambda: (c := upstream.connection(record["conn_id"])) and c["closed"] and c,
-        timeout=3,
-        what="upstream connection closed",
-    )
+    assert len(upstream.records_of(request_id)) == 1
+    conn = upstream.closed_connection_of(request_id, timeout=3)
     assert conn["closed_by"] == "client"
 
 
