@@ -41,11 +41,9 @@ TEMP_FILE = re.compile(r"^\.tokens\.json\..*\.tmp$")
 
 @pytest.fixture(scope="module")
 def fp(tmp_path_factory, upstream):
-    rows = {
-        CLIENT_TOKEN: row(upstream.url + "/v1", UPSTREAM_KEY, token_id=7),
-        DEAD_TOKEN: row(f"http://127.0.0.1:{free_port()}/v1", UPSTREAM_KEY, token_id=8),
-    }
-    yield from module_proxy(tmp_path_factory, "faults", rows)
+    live = row(upstream.url + "/v1", UPSTREAM_KEY, token_id=7)
+    dead = row(f"http://127.0.0.1:{free_port()}/v1", UPSTREAM_KEY, token_id=8)  # nobody listens there
+    yield from module_proxy(tmp_path_factory, "faults", {CLIENT_TOKEN: live, DEAD_TOKEN: dead})
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -158,12 +156,18 @@ def test_overlong_upstream_body_is_cut_to_its_content_length(fp):
     assert_upstream_in_step(fp)
 
 
-def test_short_upstream_body_cuts_the_client_response(fp):
+def cut_response(fp, fake: str) -> tuple[str, Resp | None, bytes, str]:
+    """The fake's answer through the proxy, read until the proxy closes: (request ID, the response
+    parsed from what came, the bytes, how the connection ended)."""
     request_id = new_id("f")
     with socket.create_connection(("127.0.0.1", fp.port), timeout=10) as sock:
-        sock.sendall(request("short", request_id=request_id))
+        sock.sendall(request(fake, request_id=request_id))
         data, end = read_until_close(sock, 5.0)
-    resp, _ = parse_one(data)
+    return request_id, parse_one(data)[0], data, end
+
+
+def test_short_upstream_body_cuts_the_client_response(fp):
+    request_id, resp, data, end = cut_response(fp, "short")
     assert resp is not None and resp.status == 200 and resp.header("content-length") == "100", data
     assert not resp.complete and len(resp.body) < 100, data
     assert end in ("eof", "reset"), f"the cut response was left open: {data!r}"
@@ -172,11 +176,7 @@ def test_short_upstream_body_cuts_the_client_response(fp):
 
 
 def test_reset_sse_stream_ends_without_a_last_chunk(fp):
-    request_id = new_id("f")
-    with socket.create_connection(("127.0.0.1", fp.port), timeout=10) as sock:
-        sock.sendall(request("sse;events=5;interval=0.05;reset_after=2", request_id=request_id))
-        data, end = read_until_close(sock, 5.0)
-    resp, _ = parse_one(data)
+    request_id, resp, data, end = cut_response(fp, "sse;events=5;interval=0.05;reset_after=2")
     assert resp is not None and resp.status == 200, data
     assert resp.header("transfer-encoding") == "chunked", resp.headers
     assert not resp.complete, f"the cut stream ended with a clean last chunk: {data[-200:]!r}"

@@ -133,15 +133,21 @@ def test_exactly_one_line_per_rejected_request(lp, method, headers, status):
     assert "sk-unknown-token-000111222333" not in json.dumps(line)
 
 
-def test_default_body_limit_is_4096(lp):
+def post_body(proxy, body: bytes, fake: str) -> tuple[str, requests.Response]:
+    """POST ``body`` with X-Fake: ``fake``; (request ID, response)."""
     rid = new_id("g")
-    body = ("0123456789abcdef" * 320).encode()  # 5120 bytes
     response = requests.post(
-        lp.url + "/chat/completions",
-        headers={**AUTH, "X-Request-ID": rid, "X-Fake": "json;size=6000"},
+        proxy.url + "/chat/completions",
+        headers={**AUTH, "X-Request-ID": rid, "X-Fake": fake},
         data=body,
         timeout=TIMEOUT,
     )
+    return rid, response
+
+
+def test_default_body_limit_is_4096(lp):
+    body = ("0123456789abcdef" * 320).encode()  # 5120 bytes
+    rid, response = post_body(lp, body, "json;size=6000")
     assert response.status_code == 200
     assert len(response.content) > 4096
     line = one_line(lp, rid)
@@ -154,14 +160,8 @@ def test_default_body_limit_is_4096(lp):
 
 
 def test_body_limit_is_configurable(small):
-    rid = new_id("g")
     body = ("abcdefghij" * 50).encode()  # 500 bytes
-    response = requests.post(
-        small.url + "/chat/completions",
-        headers={**AUTH, "X-Request-ID": rid, "X-Fake": "json;size=600"},
-        data=body,
-        timeout=TIMEOUT,
-    )
+    rid, response = post_body(small, body, "json;size=600")
     assert response.status_code == 200
     line = one_line(small, rid)
     assert line["request_body"] == body[:100].decode()
@@ -170,13 +170,7 @@ def test_body_limit_is_configurable(small):
     assert line["response_body_truncated"] is True
     assert line["request_size_bytes"] == 500
 
-    rid = new_id("g")
-    response = requests.post(
-        small.url + "/chat/completions",
-        headers={**AUTH, "X-Request-ID": rid, "X-Fake": "json;status=204"},
-        data=b"tiny",
-        timeout=TIMEOUT,
-    )
+    rid, response = post_body(small, b"tiny", "json;status=204")
     assert response.status_code == 204
     line = one_line(small, rid)
     assert line["request_body"] == "tiny"

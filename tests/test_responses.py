@@ -38,6 +38,12 @@ def rp(tmp_path_factory, upstream):
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
+def one_exchange(proxy, method: str, path: str, headers: dict | None = None):
+    """``exchange`` on a connection of its own."""
+    with RawClient(proxy.port, timeout=TIMEOUT) as conn:
+        return exchange(conn, method, path, headers)
+
+
 def exchange(
     conn: RawClient, method: str, path: str, headers: dict[str, str] | None = None, body: bytes = b""
 ):
@@ -98,11 +104,7 @@ def test_end_to_end_response_headers_pass_in_order_and_unchanged(rp):
 
 
 def test_repeated_set_cookie_headers_are_kept_apart(rp):
-    conn = RawClient(rp.port, timeout=TIMEOUT)
-    try:
-        status, headers, body = exchange(conn, "GET", "/models", {"X-Fake": "json;cookies"})
-    finally:
-        conn.close()
+    status, headers, body = one_exchange(rp, "GET", "/models", {"X-Fake": "json;cookies"})
     assert status == 200
     assert header_values(headers, "Set-Cookie") == ["a=1; Path=/", "b=2; Path=/"]
     json.loads(body)
@@ -111,11 +113,7 @@ def test_repeated_set_cookie_headers_are_kept_apart(rp):
 
 
 def test_no_content_type_is_invented(rp):
-    conn = RawClient(rp.port, timeout=TIMEOUT)
-    try:
-        status, headers, body = exchange(conn, "GET", "/models", {"X-Fake": "json;noctype"})
-    finally:
-        conn.close()
+    status, headers, body = one_exchange(rp, "GET", "/models", {"X-Fake": "json;noctype"})
     assert status == 200
     assert header_values(headers, "Content-Type") == []
     json.loads(body)
@@ -243,28 +241,35 @@ def test_garbage_from_upstream_is_502_json(rp):
     assert_clean_error(response, 502, rid, "zz-9911", UPSTREAM_KEY, TOKEN, "abc")
 
 
-def test_redirect_is_passed_to_the_client_not_followed(rp, upstream):
+@pytest.mark.parametrize(
+    ("method", "path", "fake", "status", "location", "body"),
+    [
+        (
+            "POST",
+            "/chat/completions",
+            "redirect=http://127.0.0.1:1/x",
+            302,
+            "http://127.0.0.1:1/x",
+            b"redirect\n",
+        ),
+        ("GET", "/models", "redirect=/elsewhere;status=307", 307, "/elsewhere", None),
+    ],
+)
+def test_redirect_is_passed_to_the_client_not_followed(
+    rp, upstream, method, path, fake, status, location, body
+):
     rid = new_id("r")
-    response = requests.post(
-        rp.url + "/chat/completions",
-        headers={**AUTH, "X-Fake": "redirect=http://127.0.0.1:1/x", "X-Request-ID": rid},
+    response = requests.request(
+        method,
+        rp.url + path,
+        headers={**AUTH, "X-Fake": fake, "X-Request-ID": rid},
         allow_redirects=False,
         timeout=TIMEOUT,
     )
-    assert response.status_code == 302
-    assert response.headers["Location"] == "http://127.0.0.1:1/x"
-    assert response.content == b"redirect\n"
-    assert len(upstream.records_of(rid)) == 1
-
-    rid = new_id("r")
-    response = requests.get(
-        rp.url + "/models",
-        headers={**AUTH, "X-Fake": "redirect=/elsewhere;status=307", "X-Request-ID": rid},
-        allow_redirects=False,
-        timeout=TIMEOUT,
-    )
-    assert response.status_code == 307
-    assert response.headers["Location"] == "/elsewhere"
+    assert response.status_code == status
+    assert response.headers["Location"] == location
+    if body is not None:
+        assert response.content == body
     assert len(upstream.records_of(rid)) == 1
 
 
