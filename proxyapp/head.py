@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import re
 import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
 from urllib.parse import quote, unquote_to_bytes
 
 from proxyapp.errors import ClientError
@@ -41,6 +43,7 @@ def decode_path(path: str) -> str:
     return unquote_to_bytes(path).decode("latin-1") if "%" in path else path
 
 
+@dataclass(slots=True, eq=False)
 class RequestHead:
     """One request as the server layer read it.
 
@@ -56,42 +59,16 @@ class RequestHead:
       ``client_send_timeout``), or None.
     """
 
-    __slots__ = (
-        "_conn",
-        "body",
-        "client_ip",
-        "client_socket",
-        "headers",
-        "method",
-        "path",
-        "query",
-        "request_id",
-        "target",
-    )
-
-    def __init__(
-        self,
-        method: str,
-        target: str,
-        path: str,
-        query: str,
-        headers,
-        client_ip: str,
-        request_id: str,
-        body,
-        client_socket=None,
-        conn=None,
-    ) -> None:
-        self.method = method
-        self.target = target
-        self.path = path
-        self.query = query
-        self.headers = headers
-        self.client_ip = client_ip
-        self.request_id = request_id
-        self.body = body
-        self.client_socket = client_socket
-        self._conn = conn  # the server's connection: has close_connection and client_failure
+    method: str
+    target: str
+    path: str
+    query: str
+    headers: Sequence[tuple[str, str]]
+    client_ip: str
+    request_id: str
+    body: object
+    client_socket: object = None
+    _conn: object = None  # the server's connection: has close_connection and client_failure
 
     def close_connection(self) -> None:
         if self._conn is not None:
