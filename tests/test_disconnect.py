@@ -7,7 +7,6 @@ closed the upstream connection (``closed``) and whether that happened mid-respon
 from __future__ import annotations
 
 import json
-import re
 import socket
 import struct
 import time
@@ -15,42 +14,31 @@ import time
 import requests
 
 from tests.support.procs import wait_for
-from tests.support.rawhttp import new_id
+from tests.support.rawhttp import CHAT, RawClient, new_id
+from tests.support.sse import sse_events
 
-CHAT = "/v1/chat/completions"
 BODY = json.dumps({"model": "m-disconnect", "messages": [{"role": "user", "content": "hi"}]}).encode()
 
 
 # ------------------------------------------------------------------------------------------ helpers
 
 
-def open_stream(port: int, headers: dict[str, str], timeout: float = 10.0) -> socket.socket:
-    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
-    lines = ["POST " + CHAT + " HTTP/1.1", "Host: proxy.test", "Content-Type: application/json"]
-    lines += [f"{name}: {value}" for name, value in headers.items()]
-    lines.append(f"Content-Length: {len(BODY)}")
-    sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + BODY)
-    return sock
+def open_stream(port: int, headers: dict[str, str]) -> RawClient:
+    client = RawClient(port)
+    client.send_request("POST", CHAT, {"Content-Type": "application/json", **headers}, BODY)
+    return client
 
 
-def read_events(sock: socket.socket, count: int) -> tuple[bytes, list[str]]:
-    """Read the response head and the body until ``count`` SSE data events have arrived (chunk
-    framing is left in the bytes; event data lines are found in them all the same)."""
-    buf = b""
-    while b"\r\n\r\n" not in buf:
-        data = sock.recv(65536)
-        assert data, f"connection closed before the head: {buf!r}"
-        buf += data
-    head, _, rest = buf.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 200"), head
+def read_events(client: RawClient, count: int) -> list[str]:
+    """Read the response head and the body until ``count`` SSE data events have arrived."""
+    status, _ = client.read_head()
+    assert status == 200, client.header_list
     events: list[str] = []
-    while True:
-        events = re.findall(rb"data: (\{.*?\}|\[DONE\])(?:\r\n\r\n|\n\n)", rest)
+    for _, data in sse_events(client.iter_body()):
+        events.append(data)
         if len(events) >= count:
-            return head, [e.decode() for e in events]
-        data = sock.recv(65536)
-        assert data, "connection closed mid-stream"
-        rest += data
+            return events
+    raise AssertionError(f"connection closed mid-stream after {events}")
 
 
 def abortive_close(sock: socket.socket) -> None:
@@ -63,12 +51,12 @@ def leave_before_the_first_byte(proxy, upstream, auth, leave, after: float) -> t
     """A stream whose first byte comes after 10 s: once the upstream has the request, wait ``after``
     seconds and ``leave(sock)``. (request ID, the upstream connection once closed, when we left.)"""
     request_id = new_id("d")
-    sock = open_stream(
+    client = open_stream(
         proxy.port, {**auth, "X-Fake": "sse;events=3;first_delay=10", "X-Request-ID": request_id}
     )
     wait_for(lambda: upstream.records_of(request_id), timeout=5, what="request at the upstream")
     time.sleep(after)
-    leave(sock)
+    leave(client.sock)
     left = time.time()
     return request_id, upstream.closed_connection_of(request_id, timeout=5), left
 
@@ -89,14 +77,11 @@ def in_flight(proxy) -> int:
 
 def test_client_leaving_mid_stream_closes_the_upstream(proxy, upstream, auth):
     request_id = new_id("d")
-    sock = open_stream(
+    with open_stream(
         proxy.port, {**auth, "X-Fake": "sse;events=100;interval=0.1", "X-Request-ID": request_id}
-    )
-    try:
-        _, events = read_events(sock, 2)
+    ) as client:
+        events = read_events(client, 2)
         assert [json.loads(e)["i"] for e in events[:2]] == [0, 1]
-    finally:
-        sock.close()
     left = time.time()
 
     conn = upstream.closed_connection_of(request_id, timeout=5)
@@ -138,16 +123,16 @@ def test_many_disconnects_leave_the_proxy_healthy(proxy, upstream, auth):
     for n in range(50):
         request_id = new_id("d")
         ids.append(request_id)
-        sock = open_stream(
+        client = open_stream(
             proxy.port, {**auth, "X-Fake": "sse;events=100;interval=0.02", "X-Request-ID": request_id}
         )
         try:
-            read_events(sock, 1)
+            read_events(client, 1)
         finally:
             if n % 2:
-                abortive_close(sock)
+                abortive_close(client.sock)
             else:
-                sock.close()
+                client.close()
 
     # Every exchange is over: nothing in flight, every upstream connection closed, one access line each.
     wait_for(lambda: in_flight(proxy) == 0, timeout=2, what="in_flight back to 0")

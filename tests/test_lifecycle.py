@@ -13,7 +13,7 @@ import time
 import requests
 
 from tests.support.procs import port_open, wait_for
-from tests.support.rawhttp import new_id, read_response
+from tests.support.rawhttp import new_id, parse_one, read_response
 from tests.support.sse import StreamReader
 from tests.support.tables import CLIENT_TOKEN
 
@@ -44,11 +44,9 @@ def response_or_close(sock: socket.socket, timeout: float) -> tuple[float, bytes
             if not piece:
                 break
             data += piece
-            if b"\r\n\r\n" in data:
-                head = data.split(b"\r\n\r\n", 1)[0].lower()
-                match = re.search(rb"content-length: *([0-9]+)", head)
-                if match and len(data.split(b"\r\n\r\n", 1)[1]) >= int(match.group(1)):
-                    break
+            resp, _ = parse_one(data)
+            if resp is not None and resp.complete:
+                break
     except ConnectionResetError:
         pass
     except TimeoutError:
