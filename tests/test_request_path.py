@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import json
 import re
-import socket
 import time
 
 import pytest
@@ -18,7 +17,7 @@ import requests
 
 from tests.conftest import module_proxy
 from tests.support.procs import free_port
-from tests.support.rawhttp import new_id
+from tests.support.rawhttp import RawClient, new_id
 from tests.support.tables import CLIENT_TOKEN, UPSTREAM_KEY, row
 
 HEX32 = re.compile(r"[0-9a-f]{32}")
@@ -72,23 +71,6 @@ def echo(
     response = requests.request(method, proxy.url + path, headers=all_headers, timeout=TIMEOUT, **kwargs)
     assert response.status_code == 200, response.text
     return response, response.json()
-
-
-def raw_request(port: int, data: bytes) -> tuple[int, list[tuple[str, str]], bytes]:
-    """One request on a fresh connection (Connection: close expected in `data`); parse the answer."""
-    with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as sock:
-        sock.sendall(data)
-        received = b""
-        while True:
-            piece = sock.recv(65536)
-            if not piece:
-                break
-            received += piece
-    head, _, body = received.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    status = int(lines[0].split(" ")[1])
-    headers = [(n.strip(), v.strip()) for n, _, v in (line.partition(":") for line in lines[1:])]
-    return status, headers, body
 
 
 # ------------------------------------------------------------------------------------ request IDs
@@ -356,24 +338,13 @@ def test_te_trailers_is_kept(rp):
 
 def test_expect_is_removed(rp):
     body = b'{"expect": "continue"}'
-    head = (
-        f"POST /chat/completions HTTP/1.1\r\nHost: proxy.local\r\nAuthorization: Bearer {CLIENT_TOKEN}\r\n"
-        f"X-Fake: echo\r\nExpect: 100-continue\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
-    ).encode()
-    with socket.create_connection(("127.0.0.1", rp.port), timeout=TIMEOUT) as sock:
-        sock.sendall(head)
-        interim = sock.recv(65536)
-        assert interim.startswith(b"HTTP/1.1 100"), interim
-        sock.sendall(body)
-        received = interim
-        while True:
-            piece = sock.recv(65536)
-            if not piece:
-                break
-            received += piece
-    final = received[received.index(b"\r\n\r\n") + 4 :]
-    head_bytes, _, payload = final.partition(b"\r\n\r\n")
-    assert head_bytes.startswith(b"HTTP/1.1 200"), final
+    headers = {**bearer(), "X-Fake": "echo", "Expect": "100-continue", "Content-Length": str(len(body))}
+    with RawClient(rp.port, timeout=TIMEOUT) as client:
+        client.send_request("POST", "/chat/completions", headers, None, "proxy.local")
+        assert client.read_head()[0] == 100  # the interim answer, before any body byte was sent
+        client.send(body)
+        status, _, payload = client.read_response("POST")
+    assert status == 200, payload
     record = json.loads(payload)
     assert "expect" not in names(record)
     assert base64.b64decode(record["body_b64"]) == body
@@ -419,13 +390,11 @@ def test_never_both_content_length_and_transfer_encoding(rp, method):
 
 def test_nothing_of_our_own_is_added(rp, upstream):
     rid = new_id("t")
-    status, _, _ = raw_request(
-        rp.port,
-        (
-            f"POST /chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {CLIENT_TOKEN}\r\n"
-            f"X-Request-ID: {rid}\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{{}}"
-        ).encode(),
-    )
+    with RawClient(rp.port, timeout=TIMEOUT) as client:  # exactly these headers, nothing else
+        client.send_request(
+            "POST", "/chat/completions", {**bearer(), "X-Request-ID": rid}, b"{}", "127.0.0.1"
+        )
+        status, _, _ = client.read_response("POST")
     assert status == 200
     (record,) = upstream.records_of(rid)
     present = names(record)
