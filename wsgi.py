@@ -21,7 +21,7 @@ from common.envparse import ConfigError, without_password  # noqa: E402
 from common.jsonlog import setup as setup_logging  # noqa: E402
 from proxyapp import create_app  # noqa: E402
 from proxyapp.config import ProxyConfig  # noqa: E402
-from proxyapp.logs import log_rejected_request  # noqa: E402
+from proxyapp.logs import write_access  # noqa: E402
 from proxyapp.server import ProxyServer, bind_listener  # noqa: E402
 
 log = logging.getLogger("proxy")
@@ -71,7 +71,7 @@ def main() -> int:
         return 1
     max_connections = _connection_limit(config.max_client_connections)
     server_config = dataclasses.replace(config, max_client_connections=max_connections)
-    server = ProxyServer(listener, app, config=server_config, on_rejected_request=log_rejected_request)
+    server = ProxyServer(listener, app, config=server_config, on_rejected_request=write_access)
     stop = Event()
     gevent.signal_handler(signal.SIGTERM, stop.set)
     gevent.signal_handler(signal.SIGINT, stop.set)

@@ -7,6 +7,10 @@ import os
 from collections.abc import Mapping
 from urllib.parse import urlsplit
 
+# The repository, and the token table file both sides use unless TOKEN_FILE says otherwise.
+REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_TOKEN_FILE = os.path.join(REPO_DIR, "var", "tokens.json")
+
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off"})
 

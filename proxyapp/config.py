@@ -6,12 +6,10 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from common.envparse import ConfigError, Env, metrics_dir
+from common.envparse import DEFAULT_TOKEN_FILE, ConfigError, Env, metrics_dir
 from common.jsonlog import LEVELS
 from common.tokentable import MAX_LIMIT
 
-REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_TOKEN_FILE = os.path.join(REPO_DIR, "var", "tokens.json")
 MIB = 1024 * 1024
 
 

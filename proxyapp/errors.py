@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import http.client
 import json
 
 from gevent import GreenletExit
@@ -35,6 +36,29 @@ def error_body(status: int, code: str, message: str, request_id: str) -> bytes:
     return json.dumps(
         {"error": {"message": message, "type": error_type(status), "code": code, "request_id": request_id}}
     ).encode()
+
+
+# RFC 9110 names where http.client still has the older ones.
+_REASONS = {413: "Content Too Large", 414: "URI Too Long"}
+
+
+def reason_phrase(status: int) -> str:
+    return _REASONS.get(status) or http.client.responses.get(status, "Unknown")
+
+
+def error_response(
+    status: int, code: str, message: str, request_id: str, extra_headers=()
+) -> tuple[str, list[tuple[str, str]], bytes]:
+    """(status line, headers, body) of every error the proxy answers itself: the server layer's
+    400/408/413/414/431..., the views' 404/405/500 and the request path's 401/502/503/504."""
+    body = error_body(status, code, message, request_id)
+    headers = [
+        ("Content-Type", "application/json"),
+        ("Content-Length", str(len(body))),
+        ("X-Request-ID", request_id),
+        *extra_headers,
+    ]
+    return f"{status} {reason_phrase(status)}", headers, body
 
 
 class ClientError(Exception):

@@ -8,9 +8,12 @@ size of the token table.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 from common.jsonlog import SECRET_HEADERS, mask_header_value, mask_text
+from proxyapp.table_store import Route
+from proxyapp.usage import FIELDS as USAGE_FIELDS
 
 access_log = logging.getLogger("proxy.access")
 
@@ -44,17 +47,103 @@ def log_access(record: dict[str, object]) -> None:
     access_log.info("request", extra=record)
 
 
-def log_rejected_request(handler, err, request_id: str) -> None:
-    """The access line for a request the server layer refused before the app saw it."""
-    address = handler.client_address
+_NO_USAGE = dict.fromkeys(USAGE_FIELDS)
+
+
+@dataclass(slots=True)
+class AccessRecord:
+    """What one request did: the access line and the metrics are both made from it.
+
+    Built by every path that answers a request: the server layer (a request refused before the
+    app saw it), the views (404/405/500) and the request path (``forward.Exchange``), which fills
+    it as the exchange goes. Times are ``time.perf_counter()`` values."""
+
+    request_id: str
+    method: str | None
+    path: str  # percent-decoded; masked when written
+    query: str
+    client_ip: str
+    started: float | None
+    status: int = 0
+    end_reason: str = "complete"
+    error: str | None = None
+    ended: float | None = None
+    upstream_at: float | None = None  # the upstream's response headers are in
+    first_byte_at: float | None = None  # the first body byte went to the client
+    request_headers: Sequence[tuple[str, str]] = ()
+    response_headers: Sequence[tuple[str, str]] = ()
+    request_body: bytes = b""
+    response_bytes: int = 0
+    response_capture: bytes | bytearray = b""  # the first LOG_BODY_MAX_BYTES of the response body
+    route: Route | None = None
+    secrets: tuple[str, ...] = ()  # values to mask wherever they appear
+    model: str | None = None  # from a JSON request body
+    stream: bool | None = None
+    usage: dict[str, int | None] | None = None
+
+    @property
+    def model_name(self) -> str:
+        return self.route.upstream.model_name if self.route is not None else ""
+
+    @property
+    def duration(self) -> float | None:
+        return self.ended - self.started if self.ended is not None and self.started is not None else None
+
+    @property
+    def ttfb(self) -> float | None:
+        first = self.first_byte_at
+        return first - self.started if first is not None and self.started is not None else None
+
+
+def _ms(seconds: float | None) -> float | None:
+    return round(seconds * 1000, 2) if seconds is not None else None
+
+
+def write_access(record: AccessRecord, body_limit: int = 0) -> None:
+    """The access line of ``record`` (nothing is built when INFO is off), bodies up to ``body_limit``."""
+    if not access_log.isEnabledFor(logging.INFO):  # LOG_LEVEL=warn: build nothing
+        return
+    secrets = record.secrets
+    route = record.route
+    upstream = route.upstream if route is not None else None
+    request_body, request_truncated = body_for_log(
+        record.request_body, len(record.request_body), body_limit, secrets
+    )
+    encoding = None
+    for name, value in record.response_headers:
+        if name.lower() == "content-encoding":
+            encoding = value
+    response_body, response_truncated = body_for_log(
+        bytes(record.response_capture), record.response_bytes, body_limit, secrets, encoding
+    )
+    query = record.query
+    started = record.started
     log_access(
         {
-            "request_id": request_id,
-            "method": getattr(handler, "command", None),
-            "path": mask_text(getattr(handler, "raw_path", "") or "", ()),
-            "client_ip": address[0] if isinstance(address, tuple) else str(address),
-            "status": err.status,
-            "end_reason": "bad_request",
-            "error": err.message,
+            "request_id": record.request_id,
+            "method": record.method,
+            "path": mask_text(record.path, secrets),
+            "query": mask_text(query, secrets) if query else "",
+            "client_ip": record.client_ip,
+            "status": record.status,
+            "end_reason": record.end_reason,
+            "error": mask_text(record.error, secrets) if record.error else None,
+            "latency_ms": _ms(record.duration),
+            "upstream_ms": _ms(record.upstream_at - started) if record.upstream_at is not None else None,
+            "ttfb_ms": _ms(record.ttfb),
+            "request_size_bytes": len(record.request_body),
+            "response_size_bytes": record.response_bytes,
+            "token_id": route.token_id if route is not None else None,
+            "ai_model_name": upstream.model_name if upstream is not None else None,
+            "upstream": upstream.host if upstream is not None else None,
+            "request_headers": headers_for_log(record.request_headers, secrets),
+            "response_headers": headers_for_log(record.response_headers, secrets),
+            "request_body": request_body,
+            "request_body_truncated": request_truncated,
+            "response_body": response_body,
+            "response_body_truncated": response_truncated,
+            "model": record.model,
+            "stream": record.stream,
+            **(record.usage or _NO_USAGE),
         }
     )

@@ -284,25 +284,26 @@ class WorkerMetrics:
         self._streams = value
         self.in_flight_streams_gauge.set(value)
 
-    def observe(self, exchange) -> None:
-        """Count one finished exchange (called once, from Exchange.finish)."""
-        decision = exchange.decision
-        model = decision.route.upstream.model_name if decision is not None else ""
-        status = exchange.status
-        reason = exchange.end_reason
+    def observe(self, record) -> None:
+        """Count one finished request, from its access record (proxyapp.logs.AccessRecord)."""
+        model = record.model_name
+        status = record.status
+        reason = record.end_reason
         series = self._series.get((model, status, reason))
         if series is None:
             series = self._series[(model, status, reason)] = _Series(self, model, status, reason)
-        started = exchange.started
         _add(series.requests, 1)
-        _add(series.request_bytes, len(exchange.request_body))
-        _add(series.response_bytes, exchange.response_bytes)
-        _observe(series.duration, time.perf_counter() - started)
-        if exchange.first_byte_at is not None:
-            _observe(series.ttfb, exchange.first_byte_at - started)
+        _add(series.request_bytes, len(record.request_body))
+        _add(series.response_bytes, record.response_bytes)
+        duration = record.duration
+        if duration is not None:
+            _observe(series.duration, duration)
+        ttfb = record.ttfb
+        if ttfb is not None:
+            _observe(series.ttfb, ttfb)
         for value in series.extra:
             _add(value, 1)
-        usage = exchange.usage_result
+        usage = record.usage
         if usage:
             for field, value in series.usage:
                 tokens = usage.get(field)

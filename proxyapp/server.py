@@ -5,6 +5,11 @@ header, body or send timeouts. ``ProxyHandler`` replaces its request reading wit
 anything whose framing is in doubt gets a JSON 4xx and the connection is closed. It also sets
 TCP_NODELAY (without it every keep-alive response waits ~40 ms for a delayed ACK) and writes
 the status line, headers and first chunk in one send.
+
+The app gets the request as a ``proxyapp.head.RequestHead`` (environ["proxy.head"]): the only
+interface between this layer and the request path. A request refused here gets the same JSON error
+(``errors.error_response``) and the same access line (``logs.AccessRecord``) as one refused by the
+app, with the client's X-Request-ID when it is valid and was read before the fault.
 """
 
 from __future__ import annotations
@@ -13,7 +18,6 @@ import logging
 import re
 import socket
 import time
-import uuid
 from collections.abc import Callable
 from urllib.parse import unquote_to_bytes
 
@@ -22,7 +26,10 @@ from gevent import Timeout, getcurrent
 from gevent.pool import Pool
 from gevent.pywsgi import WSGIHandler, WSGIServer
 
-from proxyapp.errors import ClientError, ClientGone, error_body
+from proxyapp.errors import ClientError, ClientGone, error_response
+from proxyapp.head import RequestHead, decode_path, request_id_in
+from proxyapp.head import request_id as valid_or_new_request_id
+from proxyapp.logs import AccessRecord
 
 log = logging.getLogger("proxy.server")
 
@@ -175,10 +182,10 @@ class ProxyHandler(WSGIHandler):
     """pywsgi's handler with a strict request reader, client timeouts and a graceful drain."""
 
     server: ProxyServer
-    request_headers: tuple[tuple[str, str], ...] | list[tuple[str, str]] = ()
-    raw_path = "/"
+    request_headers: list[tuple[str, str]] | tuple = ()  # of the current request, as far as read
+    raw_path = ""
     query = ""
-    request_id_hint = None
+    request_id = ""
     client_failure: str | None = None  # why the last write to the client failed
     served = 0  # requests answered on this connection
     _linger = False
@@ -290,6 +297,9 @@ class ProxyHandler(WSGIHandler):
         return True
 
     def _read_request(self, line: bytes) -> None:
+        self.command = None
+        self.raw_path = self.query = ""
+        self.request_headers = ()
         if len(line) > MAX_REQUEST_LINE:
             raise ClientError(414, "uri_too_long", f"Request line over {MAX_REQUEST_LINE} bytes.")
         match = _REQUEST_LINE.fullmatch(line)
@@ -309,12 +319,13 @@ class ProxyHandler(WSGIHandler):
         check_path(path)
         self.path = target
         self.raw_path = path
-        self.request_headers = headers = self._read_headers(len(line))
+        self.request_headers = headers = []
+        self._read_headers(headers, len(line))
         self._check_framing(headers, minor)
 
-    def _read_headers(self, used: int) -> list[tuple[str, str]]:
+    def _read_headers(self, headers: list[tuple[str, str]], used: int) -> None:
+        """Append the header fields to ``headers`` (the part read stays there if one is bad)."""
         rfile = self.rfile
-        headers = []
         while True:
             raw = rfile.readline(MAX_HEADER_BYTES + 1)
             if not raw:
@@ -323,7 +334,7 @@ class ProxyHandler(WSGIHandler):
             if used > MAX_HEADER_BYTES:
                 raise ClientError(431, "headers_too_large", f"Request headers over {MAX_HEADER_BYTES} bytes.")
             if raw == b"\r\n":
-                return headers
+                return
             if len(headers) >= MAX_HEADER_FIELDS:
                 raise ClientError(431, "too_many_headers", f"More than {MAX_HEADER_FIELDS} header fields.")
             match = _HEADER_LINE.fullmatch(raw)
@@ -339,7 +350,7 @@ class ProxyHandler(WSGIHandler):
         codings = []
         connection = ""
         expect = ""
-        request_id = None
+        rid = None
         for name, value in headers:
             lower = name.lower()
             if lower == "host":
@@ -353,8 +364,8 @@ class ProxyHandler(WSGIHandler):
             elif lower == "expect":
                 expect = value.lower()
             elif lower == "x-request-id":
-                request_id = value
-        self.request_id_hint = request_id
+                rid = value
+        self.request_id = valid_or_new_request_id(rid)
         if len(hosts) > 1 or (minor == 1 and not hosts):
             raise _bad("Exactly one Host header is required.")
         if hosts and not _HOST.fullmatch(hosts[0]):
@@ -386,13 +397,14 @@ class ProxyHandler(WSGIHandler):
         env["REQUEST_METHOD"] = self.command
         env["SCRIPT_NAME"] = ""
         path = self.raw_path
-        env["PATH_INFO"] = unquote_to_bytes(path).decode("latin-1") if "%" in path else path
+        env["PATH_INFO"] = decode_path(path)
         env["QUERY_STRING"] = self.query
         env["RAW_URI"] = env["REQUEST_URI"] = self.path
         env["SERVER_PROTOCOL"] = self.request_version
         address = self.client_address
+        client_ip = ""
         if isinstance(address, tuple):
-            env["REMOTE_ADDR"] = str(address[0])
+            env["REMOTE_ADDR"] = client_ip = str(address[0])
             env["REMOTE_PORT"] = str(address[1])
         for name, value in self.request_headers:
             if "_" in name:
@@ -409,20 +421,41 @@ class ProxyHandler(WSGIHandler):
         self.wsgi_input = BodyReader(self, self.content_length, self.chunked_input, self.expect_continue)
         env["wsgi.input"] = self.wsgi_input
         env["wsgi.input_terminated"] = True
-        env["proxy.handler"] = self
+        env["proxy.head"] = RequestHead(
+            self.command,
+            self.path,
+            path,
+            self.query,
+            self.request_headers,
+            client_ip,
+            self.request_id,
+            self.wsgi_input,
+            self.socket._sock,
+            self,
+        )
         return env
 
     # -- writing the response
 
     def _error_response(self, err: ClientError) -> tuple[str, bytes]:
-        request_id = uuid.uuid4().hex
-        body = error_body(err.status, err.code, err.message, request_id)
-        head = (
-            f"HTTP/1.1 {err.status} {_REASONS.get(err.status, 'Bad Request')}\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
-            f"X-Request-ID: {request_id}\r\nConnection: close\r\n\r\n"
+        rid = request_id_in(self.request_headers)
+        status_line, headers, body = error_response(
+            err.status, err.code, err.message, rid, (("Connection", "close"),)
         )
-        self.server.on_rejected_request(self, err, request_id)
+        head = "".join([f"HTTP/1.1 {status_line}\r\n", *(f"{n}: {v}\r\n" for n, v in headers), "\r\n"])
+        address = self.client_address
+        record = AccessRecord(
+            rid,
+            self.command,
+            decode_path(self.raw_path),
+            self.query,
+            str(address[0]) if isinstance(address, tuple) else str(address),
+            None,
+            status=err.status,
+            end_reason="bad_request",
+            error=err.message,
+        )
+        self.server.on_rejected_request(record)
         return (str(err.status), head.encode("latin-1") + body)
 
     def start_response(self, status, headers, exc_info=None):
@@ -480,17 +513,6 @@ class ProxyHandler(WSGIHandler):
         pass  # the app writes one JSON access line per request
 
 
-_REASONS = {
-    400: "Bad Request",
-    408: "Request Timeout",
-    413: "Content Too Large",
-    414: "URI Too Long",
-    431: "Request Header Fields Too Large",
-    501: "Not Implemented",
-    505: "HTTP Version Not Supported",
-}
-
-
 class ProxyServer(WSGIServer):
     """WSGIServer with the client limits, the idle-connection registry and a graceful drain."""
 
@@ -509,9 +531,10 @@ class ProxyServer(WSGIServer):
         self.connection_pool = Pool(config.max_client_connections)
         super().__init__(listener, application, spawn=self.connection_pool, log=None, error_log=_ErrorLog())
 
-    def on_rejected_request(self, handler: ProxyHandler, err: ClientError, request_id: str) -> None:
+    def on_rejected_request(self, record: AccessRecord) -> None:
+        """A request refused by this layer: its access record (wsgi.py logs it)."""
         if self._on_rejected is not None:
-            self._on_rejected(handler, err, request_id)
+            self._on_rejected(record)
 
     def drain(self) -> None:
         """Stop accepting, close idle keep-alive connections, let requests in flight finish."""

@@ -19,9 +19,8 @@ import sys
 import time
 
 from common import tokentable
-from common.envparse import ConfigError, Env
+from common.envparse import DEFAULT_TOKEN_FILE, ConfigError, Env
 from common.jsonlog import mask_secret
-from proxyapp.config import DEFAULT_TOKEN_FILE
 from proxyapp.limits import effective_limits
 
 

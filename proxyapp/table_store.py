@@ -1,9 +1,12 @@
 """The worker's view of the token table: the current routes, swapped whole on reload.
 
-A stat-polling greenlet watches the file (inotify on the file itself dies at the first atomic
-replace). A new version is parsed with pauses so streams in flight keep flowing, then swapped in
-with one reference assignment: the request path reads ``store.routes`` with no lock. A bad
-version is logged once and the last good table stays in service.
+``TableStore.check()`` loads the file when its identity (inode, size, mtime, ctime) changed. After
+``start_watching()``, libev's stat watcher (inotify on Linux, on the path, so it survives atomic
+replaces) wakes a greenlet as soon as the file is replaced; the same greenlet also checks every
+TOKEN_FILE_POLL seconds, as a fallback. A new version is parsed with short pauses so streams in
+flight keep flowing, then swapped in with one reference assignment: the request path reads
+``store.current.routes`` with no lock. A bad version is logged once and the last good table stays
+in service.
 """
 
 from __future__ import annotations

@@ -4,18 +4,16 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import time
-import uuid
 
 from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
 from werkzeug.routing import BaseConverter
 
-from common.jsonlog import mask_text
-from proxyapp.errors import error_body
+from proxyapp.errors import error_response
 from proxyapp.forward import Forwarder
-from proxyapp.logs import log_access
+from proxyapp.head import head_of
+from proxyapp.logs import AccessRecord, write_access
 from proxyapp.metrics import CONTENT_TYPE, WorkerMetrics
 from proxyapp.table_store import TableStore
 
@@ -116,28 +114,26 @@ def _code_for(exc: HTTPException) -> str:
     return {405: "method_not_allowed", 404: "not_found"}.get(exc.code or 0, "http_error")
 
 
-_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
-
-
 def _request_id() -> str:
-    value = request.headers.get("X-Request-ID", "")
-    if _REQUEST_ID.fullmatch(value):
-        return value
-    return uuid.uuid4().hex
+    return head_of(request.environ).request_id
 
 
 def _logged_error(status: int, code: str, message: str, request_id: str | None = None) -> Response:
-    request_id = request_id or _request_id()
-    environ = request.environ
-    log_access(
-        {
-            "request_id": request_id,
-            "method": environ.get("REQUEST_METHOD"),
-            "path": mask_text(environ.get("PATH_INFO", ""), ()),
-            "client_ip": environ.get("REMOTE_ADDR", ""),
-            "status": status,
-            "end_reason": "rejected" if status < 500 else "error",
-            "error": message,
-        }
+    head = head_of(request.environ)
+    request_id = request_id or head.request_id
+    record = AccessRecord(
+        request_id,
+        head.method,
+        head.decoded_path,
+        head.query,
+        head.client_ip,
+        None,
+        status=status,
+        end_reason="rejected" if status < 500 else "error",
+        error=message,
     )
-    return _json(error_body(status, code, message, request_id), status, request_id)
+    write_access(record)
+    status_line, headers, body = error_response(
+        status, code, message, request_id, (("Cache-Control", "no-store"),)
+    )
+    return Response(body, status=status_line, headers=headers)

@@ -7,10 +7,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from common.envparse import ConfigError, Env, metrics_dir
+from common.envparse import DEFAULT_TOKEN_FILE, ConfigError, Env, metrics_dir
 
-REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_TOKEN_FILE = os.path.join(REPO_DIR, "var", "tokens.json")
 _LOG_LEVELS = {"debug": "debug", "info": "info", "warn": "warn", "warning": "warn", "error": "error"}
 
 

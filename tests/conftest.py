@@ -20,6 +20,7 @@ if str(REPO) not in sys.path:
 
 from tests.support.procs import PYTHON, Process, free_port, port_open, wait_for  # noqa: E402
 from tests.support.redis_server import RedisServer  # noqa: E402
+from tests.support.secrets import log_leaks  # noqa: E402
 from tests.support.tables import CLIENT_TOKEN, UPSTREAM_KEY, row, write_table  # noqa: E402
 from tests.support.tls import LocalCA, ServerCert  # noqa: E402
 
@@ -116,6 +117,31 @@ class FakeConnectProxy:
 
     def clear(self) -> None:
         requests.delete(f"http://{self.address}/_fake/log", timeout=5).raise_for_status()
+
+    def records_of(self, request_id: str) -> list[dict]:
+        """The requests the fake received with this X-Request-ID (how a test finds its own)."""
+        return [
+            record
+            for record in self.requests()
+            if any(n.lower() == "x-request-id" and v == request_id for n, v in record["headers"])
+        ]
+
+    def connection(self, conn_id: int) -> dict | None:
+        return next((c for c in self.connections() if c["conn_id"] == conn_id), None)
+
+    def closed_connection_of(self, request_id: str, timeout: float) -> dict:
+        """The fake's record of the connection that carried ``request_id``, once it is closed."""
+
+        def find():
+            records = self.records_of(request_id)
+            if not records:
+                return None
+            conn = self.connection(records[0]["conn_id"])
+            return conn if conn is not None and conn["closed"] is not None else None
+
+        return wait_for(
+            find, timeout=timeout, interval=0.02, what=f"upstream connection of {request_id} closed"
+        )
 
 
 def start_connect_proxy(
@@ -225,6 +251,31 @@ def start_proxy(tmp_path: Path, env: dict[str, str] | None = None, *, wait_ready
 
 
 @pytest.fixture
+def backend(tmp_path):
+    """The fake token backend (tests/fakes/backend.py) on its own port, for one test."""
+    from tests.fakes.backend import FakeBackendControl
+
+    port = free_port()
+    process = Process(
+        [PYTHON, "-m", "tests.fakes.backend", "--port", str(port)], {}, tmp_path / "backend.log"
+    )
+    try:
+        wait_for(lambda: port_open(port), timeout=15, what="the fake backend to listen")
+        yield FakeBackendControl(port)
+    finally:
+        process.stop()
+
+
+def module_proxy(tmp_path_factory, name: str, rows: dict[str, dict], env: dict[str, str] | None = None):
+    """A proxy serving a whole module, for scope="module" fixtures: ``yield from module_proxy(...)``."""
+    tmp = tmp_path_factory.mktemp(name)
+    write_table(tmp / "tokens.json", rows)
+    proxy = start_proxy(tmp, env)
+    yield proxy
+    proxy.stop()
+
+
+@pytest.fixture
 def default_rows(upstream) -> dict[str, dict]:
     return {CLIENT_TOKEN: row(upstream.url + "/v1", UPSTREAM_KEY, token_id=7, ai_model_name="FakeModel")}
 
@@ -267,3 +318,23 @@ def redis_server(tmp_path):
     server.start()
     yield server
     server.close()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionfinish(session, exitstatus) -> None:
+    """The run-wide secrets grep, over every log of this session: a leak fails the run."""
+    leaks = log_leaks()
+    if not leaks:
+        return
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        write = reporter.write_line
+    else:
+
+        def write(line: str, **_markup) -> None:
+            print(line, file=sys.stderr)
+
+    write(f"SECRETS LEAKED into the logs of this run ({len(leaks)}):", red=True, bold=True)
+    for leak in leaks:
+        write("  " + leak)
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -7,51 +7,38 @@ closed the upstream connection (``closed``) and whether that happened mid-respon
 from __future__ import annotations
 
 import json
-import re
 import socket
 import struct
 import time
-import uuid
 
 import requests
 
 from tests.support.procs import wait_for
+from tests.support.rawhttp import CHAT, RawClient, new_id
+from tests.support.sse import sse_events
 
-CHAT = "/v1/chat/completions"
 BODY = json.dumps({"model": "m-disconnect", "messages": [{"role": "user", "content": "hi"}]}).encode()
-EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
 
 
 # ------------------------------------------------------------------------------------------ helpers
 
 
-def open_stream(port: int, headers: dict[str, str], timeout: float = 10.0) -> socket.socket:
-    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
-    lines = ["POST " + CHAT + " HTTP/1.1", "Host: proxy.test", "Content-Type: application/json"]
-    lines += [f"{name}: {value}" for name, value in headers.items()]
-    lines.append(f"Content-Length: {len(BODY)}")
-    sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + BODY)
-    return sock
+def open_stream(port: int, headers: dict[str, str]) -> RawClient:
+    client = RawClient(port)
+    client.send_request("POST", CHAT, {"Content-Type": "application/json", **headers}, BODY)
+    return client
 
 
-def read_events(sock: socket.socket, count: int) -> tuple[bytes, list[str]]:
-    """Read the response head and the body until ``count`` SSE data events have arrived (chunk
-    framing is left in the bytes; event data lines are found in them all the same)."""
-    buf = b""
-    while b"\r\n\r\n" not in buf:
-        data = sock.recv(65536)
-        assert data, f"connection closed before the head: {buf!r}"
-        buf += data
-    head, _, rest = buf.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 200"), head
+def read_events(client: RawClient, count: int) -> list[str]:
+    """Read the response head and the body until ``count`` SSE data events have arrived."""
+    status, _ = client.read_head()
+    assert status == 200, client.header_list
     events: list[str] = []
-    while True:
-        events = re.findall(rb"data: (\{.*?\}|\[DONE\])(?:\r\n\r\n|\n\n)", rest)
+    for _, data in sse_events(client.iter_body()):
+        events.append(data)
         if len(events) >= count:
-            return head, [e.decode() for e in events]
-        data = sock.recv(65536)
-        assert data, "connection closed mid-stream"
-        rest += data
+            return events
+    raise AssertionError(f"connection closed mid-stream after {events}")
 
 
 def abortive_close(sock: socket.socket) -> None:
@@ -60,25 +47,18 @@ def abortive_close(sock: socket.socket) -> None:
     sock.close()
 
 
-def upstream_records(upstream, request_id: str) -> list[dict]:
-    return [
-        rec
-        for rec in upstream.requests()
-        if any(name.lower() == "x-request-id" and value == request_id for name, value in rec["headers"])
-    ]
-
-
-def closed_upstream_connection(upstream, request_id: str, timeout: float) -> dict:
-    """The fake's record of the connection that carried ``request_id``, once it is closed."""
-
-    def find():
-        records = upstream_records(upstream, request_id)
-        if not records:
-            return None
-        conn = next((c for c in upstream.connections() if c["conn_id"] == records[0]["conn_id"]), None)
-        return conn if conn is not None and conn["closed"] is not None else None
-
-    return wait_for(find, timeout=timeout, interval=0.02, what=f"upstream connection of {request_id} closed")
+def leave_before_the_first_byte(proxy, upstream, auth, leave, after: float) -> tuple[str, dict, float]:
+    """A stream whose first byte comes after 10 s: once the upstream has the request, wait ``after``
+    seconds and ``leave(sock)``. (request ID, the upstream connection once closed, when we left.)"""
+    request_id = new_id("d")
+    client = open_stream(
+        proxy.port, {**auth, "X-Fake": "sse;events=3;first_delay=10", "X-Request-ID": request_id}
+    )
+    wait_for(lambda: upstream.records_of(request_id), timeout=5, what="request at the upstream")
+    time.sleep(after)
+    leave(client.sock)
+    left = time.time()
+    return request_id, upstream.closed_connection_of(request_id, timeout=5), left
 
 
 def full_stream_size(upstream, fake: str) -> int:
@@ -86,10 +66,6 @@ def full_stream_size(upstream, fake: str) -> int:
     response = requests.post(upstream.url + CHAT, data=BODY, headers={"X-Fake": fake}, timeout=30)
     assert response.status_code == 200
     return len(response.content)
-
-
-def new_id() -> str:
-    return "d-" + uuid.uuid4().hex
 
 
 def in_flight(proxy) -> int:
@@ -100,18 +76,15 @@ def in_flight(proxy) -> int:
 
 
 def test_client_leaving_mid_stream_closes_the_upstream(proxy, upstream, auth):
-    request_id = new_id()
-    sock = open_stream(
+    request_id = new_id("d")
+    with open_stream(
         proxy.port, {**auth, "X-Fake": "sse;events=100;interval=0.1", "X-Request-ID": request_id}
-    )
-    try:
-        _, events = read_events(sock, 2)
+    ) as client:
+        events = read_events(client, 2)
         assert [json.loads(e)["i"] for e in events[:2]] == [0, 1]
-    finally:
-        sock.close()
     left = time.time()
 
-    conn = closed_upstream_connection(upstream, request_id, timeout=5)
+    conn = upstream.closed_connection_of(request_id, timeout=5)
     assert conn["peer_gone_during_response"] is True, conn
     assert conn["closed_by"] == "client", conn
     assert conn["closed"] - left < 1.0, f"upstream closed {conn['closed'] - left:.2f}s after the client left"
@@ -126,16 +99,7 @@ def test_client_leaving_mid_stream_closes_the_upstream(proxy, upstream, auth):
 
 def test_client_leaving_before_the_first_byte_closes_the_upstream(proxy, upstream, auth):
     """The hard case: the proxy has nothing to write yet, so only watching the client socket can tell."""
-    request_id = new_id()
-    sock = open_stream(
-        proxy.port, {**auth, "X-Fake": "sse;events=3;first_delay=10", "X-Request-ID": request_id}
-    )
-    wait_for(lambda: upstream_records(upstream, request_id), timeout=5, what="request at the upstream")
-    time.sleep(0.5)
-    sock.close()
-    left = time.time()
-
-    conn = closed_upstream_connection(upstream, request_id, timeout=5)
+    request_id, conn, left = leave_before_the_first_byte(proxy, upstream, auth, socket.socket.close, 0.5)
     assert conn["closed"] - left < 1.0, f"upstream closed {conn['closed'] - left:.2f}s after the client left"
     assert conn["peer_gone_during_response"] is True, conn
     assert conn["closed_by"] == "client", conn
@@ -147,15 +111,7 @@ def test_client_leaving_before_the_first_byte_closes_the_upstream(proxy, upstrea
 
 
 def test_client_reset_before_the_first_byte_closes_the_upstream(proxy, upstream, auth):
-    request_id = new_id()
-    sock = open_stream(
-        proxy.port, {**auth, "X-Fake": "sse;events=3;first_delay=10", "X-Request-ID": request_id}
-    )
-    wait_for(lambda: upstream_records(upstream, request_id), timeout=5, what="request at the upstream")
-    time.sleep(0.3)
-    abortive_close(sock)
-    left = time.time()
-    conn = closed_upstream_connection(upstream, request_id, timeout=5)
+    request_id, conn, left = leave_before_the_first_byte(proxy, upstream, auth, abortive_close, 0.3)
     assert conn["closed"] - left < 1.0
     assert conn["peer_gone_during_response"] is True
     access = proxy.access_line(request_id)
@@ -165,23 +121,23 @@ def test_client_reset_before_the_first_byte_closes_the_upstream(proxy, upstream,
 def test_many_disconnects_leave_the_proxy_healthy(proxy, upstream, auth):
     ids = []
     for n in range(50):
-        request_id = new_id()
+        request_id = new_id("d")
         ids.append(request_id)
-        sock = open_stream(
+        client = open_stream(
             proxy.port, {**auth, "X-Fake": "sse;events=100;interval=0.02", "X-Request-ID": request_id}
         )
         try:
-            read_events(sock, 1)
+            read_events(client, 1)
         finally:
             if n % 2:
-                abortive_close(sock)
+                abortive_close(client.sock)
             else:
-                sock.close()
+                client.close()
 
     # Every exchange is over: nothing in flight, every upstream connection closed, one access line each.
     wait_for(lambda: in_flight(proxy) == 0, timeout=2, what="in_flight back to 0")
     for request_id in ids:
-        conn = closed_upstream_connection(upstream, request_id, timeout=5)
+        conn = upstream.closed_connection_of(request_id, timeout=5)
         assert conn["peer_gone_during_response"] is True, conn
     wait_for(
         lambda: len({r["request_id"] for r in proxy.access_lines() if r["request_id"] in ids}) == 50,

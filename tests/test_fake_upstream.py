@@ -6,7 +6,6 @@ import base64
 import gzip
 import itertools
 import json
-import socket
 import time
 import uuid
 
@@ -14,6 +13,7 @@ import pytest
 import requests
 
 from tests.support.procs import PYTHON, Process, free_port, port_open, wait_for
+from tests.support.rawhttp import CHAT, RawClient
 
 USAGE = {"prompt_tokens": 11, "completion_tokens": 22, "total_tokens": 33}
 
@@ -52,81 +52,15 @@ def record_with(port: int, header: str, value: str) -> dict | None:
     return None
 
 
-class Raw:
-    """A minimal HTTP/1.1 client on a plain socket, exposing exactly what came over the wire."""
+def fake_request(raw: RawClient, target=CHAT, fake=None, method="GET", headers=(), body=None) -> None:
+    """Send a request to the fake, with X-Fake: ``fake`` when given."""
+    fields = [*([("X-Fake", fake)] if fake is not None else []), *headers]
+    raw.send_request(method, target, fields, body, host="upstream.test")
 
-    def __init__(self, port: int, timeout: float = 5.0):
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
-        self.buf = b""
 
-    def close(self) -> None:
-        self.sock.close()
-
-    def request(self, target="/v1/chat/completions", fake=None, method="GET", headers=(), body=None):
-        lines = [f"{method} {target} HTTP/1.1", "Host: upstream.test"]
-        if fake is not None:
-            lines.append(f"X-Fake: {fake}")
-        lines += [f"{name}: {value}" for name, value in headers]
-        if body is not None:
-            lines.append(f"Content-Length: {len(body)}")
-        self.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode() + (body or b""))
-
-    def _fill(self) -> None:
-        data = self.sock.recv(65536)
-        if not data:
-            raise EOFError("server closed the connection")
-        self.buf += data
-
-    def read_until(self, sep: bytes) -> bytes:
-        while sep not in self.buf:
-            self._fill()
-        data, self.buf = self.buf.split(sep, 1)
-        return data
-
-    def read_exact(self, n: int) -> bytes:
-        while len(self.buf) < n:
-            self._fill()
-        data, self.buf = self.buf[:n], self.buf[n:]
-        return data
-
-    def read_to_eof(self) -> bytes:
-        try:
-            while True:
-                self._fill()
-        except EOFError:
-            pass
-        data, self.buf = self.buf, b""
-        return data
-
-    def read_head(self) -> tuple[int, list[tuple[str, str]]]:
-        lines = self.read_until(b"\r\n\r\n").decode("latin-1").split("\r\n")
-        status = int(lines[0].split(" ")[1])
-        return status, [tuple(x.strip() for x in line.split(":", 1)) for line in lines[1:]]
-
-    def read_chunk(self) -> bytes | None:
-        size = int(self.read_until(b"\r\n").split(b";")[0], 16)
-        if size == 0:
-            assert self.read_until(b"\r\n") == b""
-            return None
-        data = self.read_exact(size)
-        assert self.read_exact(2) == b"\r\n"
-        return data
-
-    def read_response(self):
-        status, headers = self.read_head()
-        names = {n.lower(): v for n, v in headers}
-        if status in (204, 304):
-            body = b""
-        elif names.get("transfer-encoding") == "chunked":
-            chunks = []
-            while (piece := self.read_chunk()) is not None:
-                chunks.append(piece)
-            body = b"".join(chunks)
-        elif "content-length" in names:
-            body = self.read_exact(int(names["content-length"]))
-        else:
-            body = self.read_to_eof()
-        return status, headers, body
+def read_head(raw: RawClient) -> tuple[int, list[tuple[str, str]]]:
+    status, _ = raw.read_head()
+    return status, raw.header_list
 
 
 def test_health_and_control_requests_are_not_recorded(upstream):
@@ -136,10 +70,9 @@ def test_health_and_control_requests_are_not_recorded(upstream):
 
 
 def test_sse_events_arrive_on_time_one_chunk_each(upstream):
-    raw = Raw(upstream)
-    try:
-        raw.request(fake="sse;events=5;interval=0.1;usage")
-        status, headers = raw.read_head()
+    with RawClient(upstream, timeout=5.0) as raw:
+        fake_request(raw, fake="sse;events=5;interval=0.1;usage")
+        status, headers = read_head(raw)
         assert status == 200
         assert ("Content-Type", "text/event-stream") in headers
         assert ("Cache-Control", "no-cache") in headers
@@ -147,8 +80,6 @@ def test_sse_events_arrive_on_time_one_chunk_each(upstream):
         chunks = []
         while (piece := raw.read_chunk()) is not None:
             chunks.append((time.time(), piece))
-    finally:
-        raw.close()
     events = [json.loads(piece[len(b"data: ") :]) for _, piece in chunks[:5]]
     assert [e["i"] for e in events] == [0, 1, 2, 3, 4]
     for (arrived, piece), event in zip(chunks, events, strict=False):
@@ -185,8 +116,7 @@ def test_gzip_with_content_length(upstream):
 
 def test_echo_records_headers_in_order_and_chunked_body(upstream):
     marker = uuid.uuid4().hex
-    raw = Raw(upstream)
-    try:
+    with RawClient(upstream, timeout=5.0) as raw:
         raw.sock.sendall(
             b"POST /v1/echo?a=1&b=%2F HTTP/1.1\r\n"
             b"Host: upstream.test\r\n"
@@ -199,8 +129,6 @@ def test_echo_records_headers_in_order_and_chunked_body(upstream):
             b"5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\n\r\n"
         )
         status, _headers, body = raw.read_response()
-    finally:
-        raw.close()
     assert status == 200
     echo = json.loads(body)
     assert echo["method"] == "POST"
@@ -221,17 +149,15 @@ def test_echo_records_headers_in_order_and_chunked_body(upstream):
 
 
 def test_reset_after_gives_client_connection_error(upstream):
-    raw = Raw(upstream)
     events = 0
-    try:
-        raw.request(fake="sse;events=10;interval=0.05;reset_after=2")
-        assert raw.read_head()[0] == 200
-        with pytest.raises(ConnectionResetError):
+    with RawClient(upstream, timeout=5.0) as raw:
+        fake_request(raw, fake="sse;events=10;interval=0.05;reset_after=2")
+        assert read_head(raw)[0] == 200
+        with pytest.raises(EOFError):
             while raw.read_chunk() is not None:
                 events += 1
-    finally:
-        raw.close()
     assert events == 2
+    assert raw.reset, "the connection ended with a FIN, not a reset"
 
     marker = uuid.uuid4().hex
     with pytest.raises((requests.exceptions.ChunkedEncodingError, requests.exceptions.ConnectionError)):
@@ -252,17 +178,14 @@ def test_reset_after_gives_client_connection_error(upstream):
 )
 def test_client_gone_is_detected(upstream, fake, read_first_event):
     marker = uuid.uuid4().hex
-    raw = Raw(upstream)
-    try:
-        raw.request(fake=fake, headers=[("X-Marker", marker)])
+    with RawClient(upstream, timeout=5.0) as raw:
+        fake_request(raw, fake=fake, headers=[("X-Marker", marker)])
         if read_first_event:
-            raw.read_head()
+            read_head(raw)
             raw.read_chunk()
         rec = wait_for(lambda: record_with(upstream, "X-Marker", marker), timeout=2)
         time.sleep(0.3)
         assert connection(upstream, rec["conn_id"])["closed"] is None
-    finally:
-        raw.close()
     t_closed = time.time()
     conn = wait_for(
         lambda: (c := connection(upstream, rec["conn_id"])) and c["peer_gone_during_response"] and c,
@@ -274,81 +197,64 @@ def test_client_gone_is_detected(upstream, fake, read_first_event):
 
 
 def test_keep_alive_shares_conn_id_and_close_is_honoured(upstream):
-    raw = Raw(upstream)
-    try:
-        raw.request(fake="echo")
+    with RawClient(upstream, timeout=5.0) as raw:
+        fake_request(raw, fake="echo")
         first = json.loads(raw.read_response()[2])
-        raw.request(fake="json;size=1000", method="POST", body=b'{"model": "ka"}')
+        fake_request(raw, fake="json;size=1000", method="POST", body=b'{"model": "ka"}')
         status, headers, body = raw.read_response()
         assert status == 200 and json.loads(body)["model"] == "ka"
         assert int(dict(headers)["Content-Length"]) == len(body) == 1000
-        raw.request(fake="echo", headers=[("Connection", "close")])
+        fake_request(raw, fake="echo", headers=[("Connection", "close")])
         status, headers, body = raw.read_response()
         assert ("Connection", "close") in headers
         third = json.loads(body)
         assert raw.read_to_eof() == b""
-    finally:
-        raw.close()
     assert first["conn_id"] == third["conn_id"]
     conn = connection(upstream, first["conn_id"])
     assert conn["requests"] == 3 and conn["closed_by"] == "server"
 
 
 def test_status_204_has_no_body(upstream):
-    raw = Raw(upstream)
-    try:
-        raw.request(fake="json;status=204")
-        status, headers = raw.read_head()
+    with RawClient(upstream, timeout=5.0) as raw:
+        fake_request(raw, fake="json;status=204")
+        status, headers = read_head(raw)
         assert status == 204
         assert not any(n.lower() in ("content-length", "transfer-encoding") for n, _ in headers)
-        raw.request(fake="json;status=204;cl")
-        status, headers = raw.read_head()
+        fake_request(raw, fake="json;status=204;cl")
+        status, headers = read_head(raw)
         assert status == 204 and ("Content-Length", "0") in headers
-        raw.request(fake="json;status=429")
+        fake_request(raw, fake="json;status=429")
         status, _headers, body = raw.read_response()
         assert status == 429 and json.loads(body)["error"]["type"] == "fake"
         assert raw.buf == b""
-    finally:
-        raw.close()
 
 
 def test_header_options_and_wire_faults(upstream):
-    raw = Raw(upstream)
-    try:
-        raw.request(
+    with RawClient(upstream, timeout=5.0) as raw:
+        fake_request(
+            raw,
             fake="json;cookies;noctype;header=Connection:X-Foo;header=X-Foo:bar;"
-            "header=Keep-Alive:timeout=5;header=Transfer-Encoding:chunked"
+            "header=Keep-Alive:timeout=5;header=Transfer-Encoding:chunked",
         )
         status, headers, _body = raw.read_response()
-    finally:
-        raw.close()
     assert status == 200
     assert [v for n, v in headers if n == "Set-Cookie"] == ["a=1; Path=/", "b=2; Path=/"]
     assert ("Connection", "X-Foo") in headers and ("X-Foo", "bar") in headers
     assert ("Keep-Alive", "timeout=5") in headers
     assert not any(n in ("Content-Type", "Transfer-Encoding") for n, _ in headers)
 
-    raw = Raw(upstream)
-    try:
-        raw.request(fake="garbage")
+    with RawClient(upstream, timeout=5.0) as raw:
+        fake_request(raw, fake="garbage")
         assert raw.read_to_eof() == b"HTTP/1.1 abc\r\n\r\n"
-    finally:
-        raw.close()
 
-    raw = Raw(upstream)
-    try:
-        raw.request(fake="short")
-        status, headers = raw.read_head()
+    with RawClient(upstream, timeout=5.0) as raw:
+        fake_request(raw, fake="short")
+        status, headers = read_head(raw)
         assert ("Content-Length", "100") in headers
         assert len(raw.read_to_eof()) == 10
-    finally:
-        raw.close()
 
-    raw = Raw(upstream)
-    try:
-        raw.request(fake="sse;framing=close;events=2;interval=0.01")
-        status, headers = raw.read_head()
+    with RawClient(upstream, timeout=5.0) as raw:
+        fake_request(raw, fake="sse;framing=close;events=2;interval=0.01")
+        status, headers = read_head(raw)
         assert ("Connection", "close") in headers
         assert raw.read_to_eof().endswith(b"data: [DONE]\n\n")
-    finally:
-        raw.close()

@@ -18,7 +18,6 @@ import socket
 import struct
 import subprocess
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -26,10 +25,9 @@ import pytest
 import requests
 
 from common import tokentable
-from tests.conftest import start_proxy
-from tests.fakes.backend import FakeBackendControl
-from tests.support.procs import LOG_FILES, PYTHON, REPO, Process, free_port, port_open, wait_for
-from tests.support.rawhttp import Resp, parse_one, read_response, read_until_close
+from tests.conftest import module_proxy
+from tests.support.procs import LOG_FILES, PYTHON, REPO, free_port, json_records, wait_for
+from tests.support.rawhttp import Resp, new_id, parse_one, read_response, read_until_close
 from tests.support.sse import EVENT_END, StreamReader
 from tests.support.tables import CLIENT_TOKEN, UPSTREAM_KEY, row, write_table
 
@@ -43,15 +41,9 @@ TEMP_FILE = re.compile(r"^\.tokens\.json\..*\.tmp$")
 
 @pytest.fixture(scope="module")
 def fp(tmp_path_factory, upstream):
-    tmp = tmp_path_factory.mktemp("faults")
-    rows = {
-        CLIENT_TOKEN: row(upstream.url + "/v1", UPSTREAM_KEY, token_id=7),
-        DEAD_TOKEN: row(f"http://127.0.0.1:{free_port()}/v1", UPSTREAM_KEY, token_id=8),
-    }
-    write_table(tmp / "tokens.json", rows)
-    proxy = start_proxy(tmp)
-    yield proxy
-    proxy.stop()
+    live = row(upstream.url + "/v1", UPSTREAM_KEY, token_id=7)
+    dead = row(f"http://127.0.0.1:{free_port()}/v1", UPSTREAM_KEY, token_id=8)  # nobody listens there
+    yield from module_proxy(tmp_path_factory, "faults", {CLIENT_TOKEN: live, DEAD_TOKEN: dead})
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -87,13 +79,9 @@ def request(
     return head.encode() + b"\r\n" + body
 
 
-def new_id() -> str:
-    return "f-" + uuid.uuid4().hex
-
-
 def assert_echo_on(sock: socket.socket, path: str = "/after") -> None:
     """A normal request on the same client connection is answered correctly."""
-    request_id = new_id()
+    request_id = new_id("f")
     sock.sendall(request("echo", method="GET", path=path, request_id=request_id))
     resp = read_response(sock)
     assert resp.status == 200, resp
@@ -107,7 +95,7 @@ def assert_echo_on(sock: socket.socket, path: str = "/after") -> None:
 def assert_upstream_in_step(proxy, times: int = 4) -> None:
     """Fresh requests through the proxy to the same upstream get their own, whole responses."""
     for _ in range(times):
-        request_id = new_id()
+        request_id = new_id("f")
         response = requests.post(
             proxy.url + CHAT,
             headers={"Authorization": f"Bearer {CLIENT_TOKEN}", "X-Fake": "echo", "X-Request-ID": request_id},
@@ -168,12 +156,18 @@ def test_overlong_upstream_body_is_cut_to_its_content_length(fp):
     assert_upstream_in_step(fp)
 
 
-def test_short_upstream_body_cuts_the_client_response(fp):
-    request_id = new_id()
+def cut_response(fp, fake: str) -> tuple[str, Resp | None, bytes, str]:
+    """The fake's answer through the proxy, read until the proxy closes: (request ID, the response
+    parsed from what came, the bytes, how the connection ended)."""
+    request_id = new_id("f")
     with socket.create_connection(("127.0.0.1", fp.port), timeout=10) as sock:
-        sock.sendall(request("short", request_id=request_id))
+        sock.sendall(request(fake, request_id=request_id))
         data, end = read_until_close(sock, 5.0)
-    resp, _ = parse_one(data)
+    return request_id, parse_one(data)[0], data, end
+
+
+def test_short_upstream_body_cuts_the_client_response(fp):
+    request_id, resp, data, end = cut_response(fp, "short")
     assert resp is not None and resp.status == 200 and resp.header("content-length") == "100", data
     assert not resp.complete and len(resp.body) < 100, data
     assert end in ("eof", "reset"), f"the cut response was left open: {data!r}"
@@ -182,11 +176,7 @@ def test_short_upstream_body_cuts_the_client_response(fp):
 
 
 def test_reset_sse_stream_ends_without_a_last_chunk(fp):
-    request_id = new_id()
-    with socket.create_connection(("127.0.0.1", fp.port), timeout=10) as sock:
-        sock.sendall(request("sse;events=5;interval=0.05;reset_after=2", request_id=request_id))
-        data, end = read_until_close(sock, 5.0)
-    resp, _ = parse_one(data)
+    request_id, resp, data, end = cut_response(fp, "sse;events=5;interval=0.05;reset_after=2")
     assert resp is not None and resp.status == 200, data
     assert resp.header("transfer-encoding") == "chunked", resp.headers
     assert not resp.complete, f"the cut stream ended with a clean last chunk: {data[-200:]!r}"
@@ -198,17 +188,6 @@ def test_reset_sse_stream_ends_without_a_last_chunk(fp):
 
 
 # ------------------------------------------------------------------------------------------ backend / table
-
-
-@pytest.fixture
-def backend(tmp_path):
-    port = free_port()
-    proc = Process([PYTHON, "-m", "tests.fakes.backend", "--port", str(port)], {}, tmp_path / "backend.log")
-    try:
-        wait_for(lambda: port_open(port), timeout=15, what="the fake backend to listen")
-        yield FakeBackendControl(port)
-    finally:
-        proc.stop()
 
 
 _SERIAL = iter(range(1, 1_000_000))
@@ -274,17 +253,6 @@ def temp_files(directory: Path) -> list[str]:
 def plain_lines(output: str) -> list[str]:
     """What the syncer printed outside its JSON log (its one-line reason on stderr)."""
     return [line for line in output.splitlines() if line.strip() and not line.startswith("{")]
-
-
-def json_records(output: str) -> list[dict]:
-    records = []
-    for line in output.splitlines():
-        if line.startswith("{"):
-            try:
-                records.append(json.loads(line))
-            except ValueError:
-                pass
-    return records
 
 
 def proxied_ok(proxy) -> bool:

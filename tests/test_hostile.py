@@ -14,20 +14,22 @@ keep-alive test starts its own with a small connection limit.
 from __future__ import annotations
 
 import json
+import re
 import selectors
 import socket
 import string
 import threading
 import time
+import uuid
 
 import pytest
 import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import start_proxy
+from tests.conftest import module_proxy
 from tests.support.rawhttp import Resp, parse_one, read_response, read_until_close
-from tests.support.tables import CLIENT_TOKEN, UPSTREAM_KEY, row, write_table
+from tests.support.tables import CLIENT_TOKEN, UPSTREAM_KEY, row
 
 pytestmark = pytest.mark.hostile
 
@@ -46,11 +48,9 @@ FIGURES = {"cases": 0, "fuzz": 0, "smuggled": 0, "proxy_5xx": 0}
 
 @pytest.fixture(scope="module")
 def hp(tmp_path_factory, upstream):
-    tmp = tmp_path_factory.mktemp("hostile")
-    write_table(tmp / "tokens.json", {CLIENT_TOKEN: row(upstream.url + "/v1", UPSTREAM_KEY, token_id=7)})
-    proxy = start_proxy(tmp, {"MAX_BODY_BYTES": str(MAX_BODY), "CLIENT_HEADER_TIMEOUT": str(HEADER_TIMEOUT)})
-    yield proxy
-    proxy.stop()
+    rows = {CLIENT_TOKEN: row(upstream.url + "/v1", UPSTREAM_KEY, token_id=7)}
+    env = {"MAX_BODY_BYTES": str(MAX_BODY), "CLIENT_HEADER_TIMEOUT": str(HEADER_TIMEOUT)}
+    yield from module_proxy(tmp_path_factory, "hostile", rows, env)
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -404,6 +404,51 @@ def test_expect_100_continue_with_a_bad_token_gets_401_without_the_body(hp, upst
     assert assert_error_json(resp, {401})["error"]["code"] == "invalid_token"
     assert end == "eof", end
     assert upstream_targets(upstream) == []
+
+
+# ------------------------------------------------------------------------------------------ request IDs
+
+RID = "X-Request-ID: client-rid-{n}\r\n"
+
+
+@pytest.mark.parametrize(
+    ("name", "payload", "status"),
+    [
+        ("cl+te", POST + RID + "Content-Length: 5\r\n" + CHUNKED + BODY5, 400),
+        ("bad header line", GET + RID + "Bad Header\r\n\r\n", 400),
+        ("obs-fold", GET + RID + "X-A: 1\r\n folded\r\n\r\n", 400),
+        ("too many fields", GET + RID + "".join(f"X-F-{i}: {i}\r\n" for i in range(99)) + "\r\n", 431),
+        ("body too large", POST + RID + f"Content-Length: {MAX_BODY + 1}\r\n\r\n", 413),
+    ],
+)
+def test_server_layer_errors_carry_the_clients_request_id(hp, upstream, name, payload, status):
+    rid = f"client-rid-{uuid.uuid4().hex[:12]}"
+    payload = payload.replace("client-rid-{n}", rid)
+    resp = assert_rejected_alone(hp, upstream, payload.encode(), {status}, pipeline=status != 413)
+    assert resp.header("x-request-id") == rid, (name, resp.headers)
+    assert json.loads(resp.body)["error"]["request_id"] == rid
+    line = hp.access_line(rid)
+    assert line["status"] == status and line["end_reason"] in ("bad_request", "rejected"), line
+
+
+def test_header_timeout_408_carries_the_clients_request_id(hp):
+    rid = f"client-rid-{uuid.uuid4().hex[:12]}"
+    with socket.create_connection(("127.0.0.1", hp.port), timeout=5) as sock:
+        sock.sendall((GET + f"X-Request-ID: {rid}\r\nX-Unfinished: 1\r\n").encode())
+        data, end = read_until_close(sock, HEADER_TIMEOUT + 3)
+    (resp,), _ = parse_all(data)
+    assert_error_json(resp, {408})
+    assert resp.header("x-request-id") == rid and end == "eof", (resp.headers, end)
+    assert hp.access_line(rid)["end_reason"] == "bad_request"
+
+
+@pytest.mark.parametrize("sent", ["", "X-Request-ID: bad id!\r\n", f"X-Request-ID: {'a' * 129}\r\n"])
+def test_server_layer_errors_without_a_valid_request_id_get_a_fresh_one(hp, upstream, sent):
+    payload = GET + sent + "Bad Header\r\n\r\n"
+    resp = assert_rejected_alone(hp, upstream, payload.encode(), {400})
+    rid = resp.header("x-request-id")
+    assert re.fullmatch(r"[0-9a-f]{32}", rid or ""), resp.headers
+    assert hp.access_line(rid)["status"] == 400
 
 
 # ------------------------------------------------------------------------------------------ upgrades

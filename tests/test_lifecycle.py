@@ -9,11 +9,11 @@ import signal
 import socket
 import threading
 import time
-import uuid
 
 import requests
 
 from tests.support.procs import port_open, wait_for
+from tests.support.rawhttp import new_id, parse_one, read_response
 from tests.support.sse import StreamReader
 from tests.support.tables import CLIENT_TOKEN
 
@@ -24,10 +24,6 @@ BODY = json.dumps({"model": "m-life", "messages": [{"role": "user", "content": "
 # ------------------------------------------------------------------------------------------ helpers
 
 
-def new_id() -> str:
-    return "l-" + uuid.uuid4().hex
-
-
 def request_bytes(fake: str, request_id: str, method: str = "POST", body: bytes = BODY) -> bytes:
     head = (
         f"{method} {CHAT} HTTP/1.1\r\nHost: proxy.test\r\nAuthorization: Bearer {CLIENT_TOKEN}\r\n"
@@ -35,29 +31,6 @@ def request_bytes(fake: str, request_id: str, method: str = "POST", body: bytes 
         f"Content-Length: {len(body)}\r\n\r\n"
     )
     return head.encode() + body
-
-
-def read_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
-    """One Content-Length framed response (error responses and small JSON are framed this way)."""
-    buf = b""
-    while b"\r\n\r\n" not in buf:
-        data = sock.recv(65536)
-        if not data:
-            raise EOFError(buf)
-        buf += data
-    head, _, rest = buf.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    headers = {}
-    for line in lines[1:]:
-        name, _, value = line.partition(":")
-        headers[name.strip().lower()] = value.strip()
-    length = int(headers["content-length"])
-    while len(rest) < length:
-        data = sock.recv(65536)
-        if not data:
-            raise EOFError(rest)
-        rest += data
-    return int(lines[0].split(" ")[1]), headers, rest[:length]
 
 
 def response_or_close(sock: socket.socket, timeout: float) -> tuple[float, bytes]:
@@ -71,24 +44,14 @@ def response_or_close(sock: socket.socket, timeout: float) -> tuple[float, bytes
             if not piece:
                 break
             data += piece
-            if b"\r\n\r\n" in data:
-                head = data.split(b"\r\n\r\n", 1)[0].lower()
-                match = re.search(rb"content-length: *([0-9]+)", head)
-                if match and len(data.split(b"\r\n\r\n", 1)[1]) >= int(match.group(1)):
-                    break
+            resp, _ = parse_one(data)
+            if resp is not None and resp.complete:
+                break
     except ConnectionResetError:
         pass
     except TimeoutError:
         raise AssertionError(f"no answer and no close within {timeout}s; got {data!r}") from None
     return time.monotonic() - started, data
-
-
-def upstream_records(upstream, request_id: str) -> list[dict]:
-    return [
-        rec
-        for rec in upstream.requests()
-        if any(name.lower() == "x-request-id" and value == request_id for name, value in rec["headers"])
-    ]
 
 
 def log_events(proxy, event: str) -> list[dict]:
@@ -160,10 +123,10 @@ def test_sigterm_cuts_streams_after_graceful_timeout(proxy_factory, default_rows
 def test_idle_keep_alive_connection_is_closed(proxy_factory, default_rows):
     proxy = proxy_factory(env={"CLIENT_IDLE_TIMEOUT": "1"}, rows=default_rows)
     with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
-        sock.sendall(request_bytes("json;size=200", new_id()))
-        status, headers, body = read_response(sock)
-        assert status == 200 and json.loads(body)["object"] == "chat.completion"
-        assert headers.get("connection", "").lower() != "close"
+        sock.sendall(request_bytes("json;size=200", new_id("l")))
+        resp = read_response(sock)
+        assert resp.status == 200 and json.loads(resp.body)["object"] == "chat.completion"
+        assert (resp.header("connection") or "").lower() != "close"
         idle_since = time.monotonic()
         sock.settimeout(3)
         assert sock.recv(1) == b""
@@ -213,7 +176,7 @@ def test_slow_headers_are_cut_off_without_blocking_others(proxy_factory, default
 
 def test_stalled_request_body_gets_408(proxy_factory, default_rows, upstream):
     proxy = proxy_factory(env={"CLIENT_BODY_TIMEOUT": "1"}, rows=default_rows)
-    request_id = new_id()
+    request_id = new_id("l")
     full = request_bytes("json", request_id, body=b"x" * 100)
     head_len = full.index(b"\r\n\r\n") + 4
     with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
@@ -228,9 +191,7 @@ def test_stalled_request_body_gets_408(proxy_factory, default_rows, upstream):
         assert b"application/json" in head.lower()
         assert json.loads(body)["error"]["code"] == "body_timeout"
     time.sleep(0.3)
-    assert upstream_records(upstream, request_id) == [], (
-        "the upstream received a request whose body never came"
-    )
+    assert upstream.records_of(request_id) == [], "the upstream received a request whose body never came"
     assert time.monotonic() - started < 5
 
 
@@ -238,7 +199,7 @@ def test_client_that_never_reads_is_dropped(proxy_factory, default_rows, upstrea
     # The fake cannot send sse;events=100000;interval=0 in reasonable time (it builds the whole
     # stream in one growing bytes object first), so the big fast answer is a 50 MB JSON body.
     proxy = proxy_factory(env={"CLIENT_SEND_TIMEOUT": "2"}, rows=default_rows)
-    request_id = new_id()
+    request_id = new_id("l")
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # fill up quickly
     try:
@@ -254,7 +215,7 @@ def test_client_that_never_reads_is_dropped(proxy_factory, default_rows, upstrea
         assert dropped_after < 10
 
         # The upstream connection is closed by the proxy (the fake sees its client go mid-response).
-        (record,) = upstream_records(upstream, request_id)
+        (record,) = upstream.records_of(request_id)
         conn = wait_for(
             lambda: next(
                 (c for c in upstream.connections() if c["conn_id"] == record["conn_id"] and c["closed"]), None

@@ -11,41 +11,29 @@ import uuid
 import pytest
 import requests
 
-from tests.conftest import start_proxy
-from tests.support.tables import CLIENT_TOKEN, UPSTREAM_KEY, register_secret, row, write_table
+from tests.conftest import module_proxy
+from tests.support.rawhttp import new_id
+from tests.support.tables import CLIENT_TOKEN, UPSTREAM_KEY, register_secret, row
 
 TIMEOUT = 10
 ELLIPSIS = "\u2026"
 
 
-def start(tmp_path_factory, upstream, name: str, env: dict[str, str] | None = None):
-    tmp = tmp_path_factory.mktemp(name)
-    write_table(
-        tmp / "tokens.json",
-        {CLIENT_TOKEN: row(upstream.url + "/v1", UPSTREAM_KEY, token_id=7, ai_model_name="FakeModel")},
-    )
-    return start_proxy(tmp, env)
+def rows(upstream) -> dict[str, dict]:
+    return {CLIENT_TOKEN: row(upstream.url + "/v1", UPSTREAM_KEY, token_id=7, ai_model_name="FakeModel")}
 
 
 @pytest.fixture(scope="module")
 def lp(tmp_path_factory, upstream):
-    proxy = start(tmp_path_factory, upstream, "logging")
-    yield proxy
-    proxy.stop()
+    yield from module_proxy(tmp_path_factory, "logging", rows(upstream))
 
 
 @pytest.fixture(scope="module")
 def small(tmp_path_factory, upstream):
-    proxy = start(tmp_path_factory, upstream, "logging-small", {"LOG_BODY_MAX_BYTES": "100"})
-    yield proxy
-    proxy.stop()
+    yield from module_proxy(tmp_path_factory, "logging-small", rows(upstream), {"LOG_BODY_MAX_BYTES": "100"})
 
 
 AUTH = {"Authorization": f"Bearer {CLIENT_TOKEN}"}
-
-
-def new_id() -> str:
-    return "g-" + uuid.uuid4().hex
 
 
 def lines_of(proxy, request_id: str) -> list[dict]:
@@ -62,7 +50,7 @@ def one_line(proxy, request_id: str) -> dict:
 
 
 def test_access_line_has_every_field(lp, upstream):
-    rid = new_id()
+    rid = new_id("g")
     body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hello"}]}).encode()
     response = requests.post(
         lp.url + "/chat/completions?x=1&y=two",
@@ -98,7 +86,7 @@ def test_access_line_has_every_field(lp, upstream):
 
 
 def test_pid_names_the_worker_process(lp):
-    rid = new_id()
+    rid = new_id("g")
     requests.get(lp.url + "/models", headers={**AUTH, "X-Request-ID": rid}, timeout=TIMEOUT)
     assert one_line(lp, rid)["pid"] == lp.process.pid
 
@@ -113,7 +101,7 @@ def test_pid_names_the_worker_process(lp):
     ],
 )
 def test_exactly_one_line_per_proxied_request(lp, method, fake, status):
-    rid = new_id()
+    rid = new_id("g")
     response = requests.request(
         method, lp.url + "/things/1", headers={**AUTH, "X-Request-ID": rid, "X-Fake": fake}, timeout=TIMEOUT
     )
@@ -134,7 +122,7 @@ def test_exactly_one_line_per_proxied_request(lp, method, fake, status):
     ids=["missing", "unknown", "trace"],
 )
 def test_exactly_one_line_per_rejected_request(lp, method, headers, status):
-    rid = new_id()
+    rid = new_id("g")
     response = requests.request(
         method, lp.url + "/chat/completions", headers={**headers, "X-Request-ID": rid}, timeout=TIMEOUT
     )
@@ -145,15 +133,21 @@ def test_exactly_one_line_per_rejected_request(lp, method, headers, status):
     assert "sk-unknown-token-000111222333" not in json.dumps(line)
 
 
-def test_default_body_limit_is_4096(lp):
-    rid = new_id()
-    body = ("0123456789abcdef" * 320).encode()  # 5120 bytes
+def post_body(proxy, body: bytes, fake: str) -> tuple[str, requests.Response]:
+    """POST ``body`` with X-Fake: ``fake``; (request ID, response)."""
+    rid = new_id("g")
     response = requests.post(
-        lp.url + "/chat/completions",
-        headers={**AUTH, "X-Request-ID": rid, "X-Fake": "json;size=6000"},
+        proxy.url + "/chat/completions",
+        headers={**AUTH, "X-Request-ID": rid, "X-Fake": fake},
         data=body,
         timeout=TIMEOUT,
     )
+    return rid, response
+
+
+def test_default_body_limit_is_4096(lp):
+    body = ("0123456789abcdef" * 320).encode()  # 5120 bytes
+    rid, response = post_body(lp, body, "json;size=6000")
     assert response.status_code == 200
     assert len(response.content) > 4096
     line = one_line(lp, rid)
@@ -166,14 +160,8 @@ def test_default_body_limit_is_4096(lp):
 
 
 def test_body_limit_is_configurable(small):
-    rid = new_id()
     body = ("abcdefghij" * 50).encode()  # 500 bytes
-    response = requests.post(
-        small.url + "/chat/completions",
-        headers={**AUTH, "X-Request-ID": rid, "X-Fake": "json;size=600"},
-        data=body,
-        timeout=TIMEOUT,
-    )
+    rid, response = post_body(small, body, "json;size=600")
     assert response.status_code == 200
     line = one_line(small, rid)
     assert line["request_body"] == body[:100].decode()
@@ -182,13 +170,7 @@ def test_body_limit_is_configurable(small):
     assert line["response_body_truncated"] is True
     assert line["request_size_bytes"] == 500
 
-    rid = new_id()
-    response = requests.post(
-        small.url + "/chat/completions",
-        headers={**AUTH, "X-Request-ID": rid, "X-Fake": "json;status=204"},
-        data=b"tiny",
-        timeout=TIMEOUT,
-    )
+    rid, response = post_body(small, b"tiny", "json;status=204")
     assert response.status_code == 204
     line = one_line(small, rid)
     assert line["request_body"] == "tiny"
@@ -198,7 +180,7 @@ def test_body_limit_is_configurable(small):
 
 
 def test_credential_headers_are_masked(lp):
-    rid = new_id()
+    rid = new_id("g")
     requests.get(lp.url + "/models", headers={**AUTH, "X-Request-ID": rid}, timeout=TIMEOUT)
     logged = one_line(lp, rid)["request_headers"]["Authorization"]
     assert CLIENT_TOKEN not in logged
@@ -206,7 +188,7 @@ def test_credential_headers_are_masked(lp):
     assert ELLIPSIS in logged
     assert logged == f"Bearer {CLIENT_TOKEN[:5]}{ELLIPSIS}{CLIENT_TOKEN[-4:]}"
 
-    rid = new_id()
+    rid = new_id("g")
     requests.get(
         lp.url + "/models", headers={"x-api-key": CLIENT_TOKEN, "X-Request-ID": rid}, timeout=TIMEOUT
     )
@@ -218,7 +200,7 @@ def test_credential_headers_are_masked(lp):
 
 def test_secrets_in_bodies_are_masked(lp):
     random_key = register_secret("sk-" + uuid.uuid4().hex + uuid.uuid4().hex[:8])
-    rid = new_id()
+    rid = new_id("g")
     content = f"my token is {CLIENT_TOKEN}, the key {UPSTREAM_KEY} and another {random_key} ok"
     body = json.dumps({"model": "m", "messages": [{"role": "user", "content": content}]})
     response = requests.post(
@@ -238,7 +220,7 @@ def test_secrets_in_bodies_are_masked(lp):
 
 
 def test_upstream_key_echoed_in_a_response_body_is_masked(lp):
-    rid = new_id()
+    rid = new_id("g")
     response = requests.post(
         lp.url + "/chat/completions", headers={**AUTH, "X-Request-ID": rid, "X-Fake": "echo"}, timeout=TIMEOUT
     )
@@ -250,7 +232,7 @@ def test_upstream_key_echoed_in_a_response_body_is_masked(lp):
 
 def test_secret_in_the_query_is_masked(lp, upstream):
     secret = register_secret("qk" + uuid.uuid4().hex)
-    rid = new_id()
+    rid = new_id("g")
     response = requests.get(
         lp.url + f"/models?api_key={secret}&x=1", headers={**AUTH, "X-Request-ID": rid}, timeout=TIMEOUT
     )
@@ -262,7 +244,7 @@ def test_secret_in_the_query_is_masked(lp, upstream):
 
 
 def test_sse_stream_is_logged_once_when_it_ends(lp):
-    rid = new_id()
+    rid = new_id("g")
     response = requests.post(
         lp.url + "/chat/completions",
         headers={**AUTH, "X-Request-ID": rid, "X-Fake": "sse;events=4;interval=0.25;usage"},

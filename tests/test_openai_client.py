@@ -8,8 +8,8 @@ import openai
 import pytest
 from openai import OpenAI
 
-from tests.conftest import start_proxy
-from tests.support.tables import CLIENT_TOKEN, UPSTREAM_KEY, row, write_table
+from tests.conftest import module_proxy
+from tests.support.tables import CLIENT_TOKEN, UPSTREAM_KEY, row
 
 HEX32 = re.compile(r"[0-9a-f]{32}")
 MESSAGES = [{"role": "user", "content": "Say hello"}]
@@ -17,14 +17,8 @@ MESSAGES = [{"role": "user", "content": "Say hello"}]
 
 @pytest.fixture(scope="module")
 def op(tmp_path_factory, upstream):
-    tmp = tmp_path_factory.mktemp("openai")
-    write_table(
-        tmp / "tokens.json",
-        {CLIENT_TOKEN: row(upstream.url + "/v1", UPSTREAM_KEY, token_id=7, ai_model_name="FakeModel")},
-    )
-    proxy = start_proxy(tmp)
-    yield proxy
-    proxy.stop()
+    rows = {CLIENT_TOKEN: row(upstream.url + "/v1", UPSTREAM_KEY, token_id=7, ai_model_name="FakeModel")}
+    yield from module_proxy(tmp_path_factory, "openai", rows)
 
 
 def client_for(proxy, api_key: str = CLIENT_TOKEN, **kwargs) -> OpenAI:
@@ -50,11 +44,7 @@ def test_chat_completion(op, upstream):
     line = op.access_line(rid)
     assert line["path"] == "/chat/completions"
     assert line["status"] == 200
-    (record,) = [
-        r
-        for r in upstream.requests()
-        if any(n.lower() == "x-request-id" and v == rid for n, v in r["headers"])
-    ]
+    (record,) = upstream.records_of(rid)
     assert record["target"] == "/v1/chat/completions"
     assert [v for n, v in record["headers"] if n.lower() == "authorization"] == [f"Bearer {UPSTREAM_KEY}"]
 

@@ -7,8 +7,6 @@ from __future__ import annotations
 import datetime
 import itertools
 import json
-import re
-import socket
 import threading
 import time
 import uuid
@@ -17,11 +15,12 @@ import requests
 
 from common import tokentable
 from tests.support.procs import wait_for
+from tests.support.rawhttp import new_id
+from tests.support.sse import StreamReader
 from tests.support.tables import CLIENT_TOKEN, OTHER_CLIENT_TOKEN, UPSTREAM_KEY, make_table, row, write_table
 
 CHAT = "/v1/chat/completions"
 BODY = json.dumps({"model": "m-reload", "messages": [{"role": "user", "content": "hi"}]}).encode()
-EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -38,88 +37,6 @@ def post(proxy, token: str, fake: str = "json;size=200", request_id: str | None 
     return (session or requests).post(proxy.url + CHAT, data=BODY, headers=headers, timeout=10)
 
 
-def new_id() -> str:
-    return "r-" + uuid.uuid4().hex
-
-
-class StreamReader(threading.Thread):
-    """Reads one SSE response through a raw socket in the background, recording when each event came."""
-
-    def __init__(self, port: int, token: str, fake: str, request_id: str) -> None:
-        super().__init__(daemon=True)
-        self.port, self.token, self.fake, self.request_id = port, token, fake, request_id
-        self.events: list[tuple[float, str]] = []
-        self.status = 0
-        self.clean_end = False
-        self.ended_at: float | None = None
-        self.error: BaseException | None = None
-        self.first_events = threading.Event()
-
-    def run(self) -> None:
-        try:
-            self._run()
-        except BaseException as exc:
-            self.error = exc
-        finally:
-            self.ended_at = time.time()
-            self.first_events.set()
-
-    def _run(self) -> None:
-        sock = socket.create_connection(("127.0.0.1", self.port), timeout=15)
-        try:
-            head = (
-                f"POST {CHAT} HTTP/1.1\r\nHost: proxy.test\r\nAuthorization: Bearer {self.token}\r\n"
-                f"X-Fake: {self.fake}\r\nX-Request-ID: {self.request_id}\r\n"
-                f"Content-Type: application/json\r\nContent-Length: {len(BODY)}\r\n\r\n"
-            )
-            sock.sendall(head.encode() + BODY)
-            buf = b""
-            while b"\r\n\r\n" not in buf:
-                data = sock.recv(65536)
-                if not data:
-                    raise EOFError(buf)
-                buf += data
-            head_bytes, _, buf = buf.partition(b"\r\n\r\n")
-            self.status = int(head_bytes.split(b" ")[1])
-            assert b"transfer-encoding: chunked" in head_bytes.lower(), head_bytes
-            sse = b""
-            while True:  # chunked body, parsed as it arrives
-                while b"\r\n" not in buf:
-                    data = sock.recv(65536)
-                    if not data:
-                        return
-                    buf += data
-                size_line, _, buf = buf.partition(b"\r\n")
-                size = int(size_line.split(b";")[0], 16)
-                while len(buf) < size + 2:
-                    data = sock.recv(65536)
-                    if not data:
-                        return
-                    buf += data
-                if size == 0:
-                    self.clean_end = buf[:2] == b"\r\n"
-                    return
-                sse += buf[:size]
-                buf = buf[size + 2 :]
-                arrived = time.time()
-                while (match := EVENT_END.search(sse)) is not None:
-                    block, sse = sse[: match.start()], sse[match.end() :]
-                    if block.startswith(b"data: "):
-                        self.events.append((arrived, block[6:].decode()))
-                if len(self.events) >= 3:
-                    self.first_events.set()
-        finally:
-            sock.close()
-
-    def finish(self, timeout: float) -> None:
-        self.join(timeout)
-        assert not self.is_alive(), "the stream did not finish"
-        assert self.error is None, repr(self.error)
-
-    def chunk_events(self) -> list[tuple[float, dict]]:
-        return [(arrived, json.loads(data)) for arrived, data in self.events if data != "[DONE]"]
-
-
 def log_events(proxy, event: str) -> list[dict]:
     return [r for r in proxy.process.json_lines() if r.get("event") == event]
 
@@ -132,9 +49,9 @@ def table_bytes(rows: dict[str, dict]) -> bytes:
 
 
 def test_replace_during_a_stream(proxy, upstream, auth):
-    stream = StreamReader(proxy.port, CLIENT_TOKEN, "sse;events=30;interval=0.05", new_id())
+    stream = StreamReader(proxy.port, "sse;events=30;interval=0.05", CLIENT_TOKEN, new_id("r"))
     stream.start()
-    assert stream.first_events.wait(10) and stream.error is None
+    assert stream.wait_events(3, 10) and stream.error is None
 
     write_table(proxy.token_file, {OTHER_CLIENT_TOKEN: row(upstream.url + "/v1", UPSTREAM_KEY, token_id=42)})
     replaced = time.monotonic()
@@ -142,7 +59,7 @@ def test_replace_during_a_stream(proxy, upstream, auth):
 
     def new_token_works():
         nonlocal request_id
-        request_id = new_id()
+        request_id = new_id("r")
         return post(proxy, OTHER_CLIENT_TOKEN, request_id=request_id).status_code == 200
 
     wait_for(new_token_works, timeout=5, interval=0.02, what="the new token to be accepted")
@@ -159,7 +76,7 @@ def test_replace_during_a_stream(proxy, upstream, auth):
     stream.finish(timeout=10)
     assert stream.status == 200 and stream.clean_end
     assert [event["i"] for _, event in stream.chunk_events()] == list(range(30))
-    assert stream.events[-1][1] == "[DONE]"
+    assert stream.events[-1] == "[DONE]"
     assert stream.ended_at > switched_at, "the stream ended before the new table was in use"
     assert proxy.access_line(stream.request_id)["end_reason"] == "complete"
 
@@ -250,7 +167,7 @@ def test_bad_files_keep_the_last_good_table(proxy, upstream, auth):
         write()
         deadline = time.monotonic() + 1.2  # >= 10 polls of the same bad version
         while time.monotonic() < deadline:
-            request_id = new_id()
+            request_id = new_id("r")
             response = post(proxy, CLIENT_TOKEN, request_id=request_id)
             assert response.status_code == 200, (what, response.text)
             time.sleep(0.1)
@@ -269,7 +186,7 @@ def test_bad_files_keep_the_last_good_table(proxy, upstream, auth):
     wait_for(
         lambda: post(proxy, OTHER_CLIENT_TOKEN).status_code == 200, timeout=1.5, what="good table picked up"
     )
-    request_id = new_id()
+    request_id = new_id("r")
     assert post(proxy, CLIENT_TOKEN, request_id=request_id).status_code == 200
     assert proxy.access_line(request_id)["token_id"] == 11
     assert len(log_events(proxy, "table_rejected")) == len(bad_versions)
@@ -305,9 +222,9 @@ def test_big_table_reload_does_not_stall_streams(proxy, upstream):
 
     # Long enough (8 s) that the load, which takes ~1 s on a quiet machine and several on a busy
     # one, finishes while the stream still flows.
-    stream = StreamReader(proxy.port, CLIENT_TOKEN, "sse;events=160;interval=0.05", new_id())
+    stream = StreamReader(proxy.port, "sse;events=160;interval=0.05", CLIENT_TOKEN, new_id("r"))
     stream.start()
-    assert stream.first_events.wait(10) and stream.error is None
+    assert stream.wait_events(3, 10) and stream.error is None
     tokentable.write_atomic(str(proxy.token_file), data)
     loaded = proxy.process.wait_for_log(
         lambda r: r.get("event") == "table_loaded" and r.get("tokens") == len(rows),
@@ -329,7 +246,7 @@ def test_big_table_reload_does_not_stall_streams(proxy, upstream):
     assert loaded_at < stream.ended_at, "the table finished loading after the stream: nothing was tested"
     assert max(delays) < 0.5, f"an event was delayed {max(delays):.3f}s"
 
-    request_id = new_id()
+    request_id = new_id("r")
     response = post(proxy, tokens[54321], request_id=request_id)
     assert response.status_code == 200
     assert proxy.access_line(request_id)["token_id"] == 100_000 + 54321

@@ -10,16 +10,15 @@ from __future__ import annotations
 import base64
 import json
 import re
-import socket
 import time
-import uuid
 
 import pytest
 import requests
 
-from tests.conftest import start_proxy
+from tests.conftest import module_proxy
 from tests.support.procs import free_port
-from tests.support.tables import CLIENT_TOKEN, UPSTREAM_KEY, row, write_table
+from tests.support.rawhttp import RawClient, new_id
+from tests.support.tables import CLIENT_TOKEN, UPSTREAM_KEY, row
 
 HEX32 = re.compile(r"[0-9a-f]{32}")
 TIMEOUT = 10
@@ -37,7 +36,6 @@ FUTURE_EPOCH = "tok-future-epoch-8b6d"
 @pytest.fixture(scope="module")
 def rp(tmp_path_factory, upstream):
     """One token-routing proxy for the module, with rows for every routing case."""
-    tmp = tmp_path_factory.mktemp("request-path")
     now = int(time.time())
     v1 = upstream.url + "/v1"
     rows = {
@@ -50,27 +48,11 @@ def rp(tmp_path_factory, upstream):
         FUTURE_ISO: row(v1, UPSTREAM_KEY, token_id=13, token_expire_at="2999-01-01T00:00:00Z"),
         FUTURE_EPOCH: row(v1, UPSTREAM_KEY, token_id=14, token_expire_at=now + 86400 * 365),
     }
-    write_table(tmp / "tokens.json", rows)
-    proxy = start_proxy(tmp)
-    yield proxy
-    proxy.stop()
-
-
-def new_id() -> str:
-    return "t-" + uuid.uuid4().hex
+    yield from module_proxy(tmp_path_factory, "request-path", rows)
 
 
 def bearer(token: str = CLIENT_TOKEN) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
-
-
-def received_by_upstream(upstream, request_id: str) -> list[dict]:
-    """Every request the fake upstream recorded with this X-Request-ID."""
-    found = []
-    for record in upstream.requests():
-        if any(n.lower() == "x-request-id" and v == request_id for n, v in record["headers"]):
-            found.append(record)
-    return found
 
 
 def values(record: dict, name: str) -> list[str]:
@@ -89,23 +71,6 @@ def echo(
     response = requests.request(method, proxy.url + path, headers=all_headers, timeout=TIMEOUT, **kwargs)
     assert response.status_code == 200, response.text
     return response, response.json()
-
-
-def raw_request(port: int, data: bytes) -> tuple[int, list[tuple[str, str]], bytes]:
-    """One request on a fresh connection (Connection: close expected in `data`); parse the answer."""
-    with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as sock:
-        sock.sendall(data)
-        received = b""
-        while True:
-            piece = sock.recv(65536)
-            if not piece:
-                break
-            received += piece
-    head, _, body = received.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    status = int(lines[0].split(" ")[1])
-    headers = [(n.strip(), v.strip()) for n, _, v in (line.partition(":") for line in lines[1:])]
-    return status, headers, body
 
 
 # ------------------------------------------------------------------------------------ request IDs
@@ -130,7 +95,7 @@ def test_valid_client_request_id_is_kept_everywhere(rp, upstream, client_id):
     ids=["129-chars", "space", "slash", "semicolon", "dollar", "colon", "non-ascii", "comma"],
 )
 def test_invalid_client_request_id_is_replaced_by_fresh_hex(rp, upstream, client_id):
-    marker = new_id()
+    marker = new_id("t")
     response = requests.post(
         rp.url + "/chat/completions",
         headers={**bearer(), "X-Fake": "echo", "X-Request-ID": client_id.encode("utf-8"), "X-Marker": marker},
@@ -168,7 +133,7 @@ def test_missing_request_id_gets_a_distinct_fresh_id_per_request(rp, upstream):
     ids=["401-missing", "401-unknown", "502-unreachable", "405-trace"],
 )
 def test_error_responses_carry_the_request_id(rp, method, path, headers, status):
-    client_id = new_id()
+    client_id = new_id("t")
     response = requests.request(
         method, rp.url + path, headers={**headers, "X-Request-ID": client_id}, timeout=TIMEOUT
     )
@@ -227,7 +192,7 @@ def test_credential_forms_are_accepted_and_replaced_by_the_upstream_key(rp, head
     ids=["none", "empty", "bearer-empty", "unknown-bearer", "unknown-bare", "unknown-x-api-key", "suffix"],
 )
 def test_missing_or_unknown_token_is_401_json(rp, upstream, headers, code):
-    rid = new_id()
+    rid = new_id("t")
     response = requests.post(
         rp.url + "/chat/completions",
         headers={**headers, "X-Request-ID": rid, "X-Fake": "echo"},
@@ -244,12 +209,12 @@ def test_missing_or_unknown_token_is_401_json(rp, upstream, headers, code):
     assert error["message"]
     assert error["type"]
     assert error["request_id"] == rid
-    assert received_by_upstream(upstream, rid) == []
+    assert upstream.records_of(rid) == []
 
 
 @pytest.mark.parametrize("token", [EXPIRED_ISO, EXPIRED_EPOCH], ids=["iso", "epoch"])
 def test_expired_token_is_401_token_expired(rp, upstream, token):
-    rid = new_id()
+    rid = new_id("t")
     response = requests.post(
         rp.url + "/chat/completions",
         headers={**bearer(token), "X-Request-ID": rid, "X-Fake": "echo"},
@@ -257,7 +222,7 @@ def test_expired_token_is_401_token_expired(rp, upstream, token):
     )
     assert response.status_code == 401
     assert response.json()["error"]["code"] == "token_expired"
-    assert received_by_upstream(upstream, rid) == []
+    assert upstream.records_of(rid) == []
 
 
 @pytest.mark.parametrize("token", [FUTURE_ISO, FUTURE_EPOCH], ids=["iso", "epoch"])
@@ -373,24 +338,13 @@ def test_te_trailers_is_kept(rp):
 
 def test_expect_is_removed(rp):
     body = b'{"expect": "continue"}'
-    head = (
-        f"POST /chat/completions HTTP/1.1\r\nHost: proxy.local\r\nAuthorization: Bearer {CLIENT_TOKEN}\r\n"
-        f"X-Fake: echo\r\nExpect: 100-continue\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
-    ).encode()
-    with socket.create_connection(("127.0.0.1", rp.port), timeout=TIMEOUT) as sock:
-        sock.sendall(head)
-        interim = sock.recv(65536)
-        assert interim.startswith(b"HTTP/1.1 100"), interim
-        sock.sendall(body)
-        received = interim
-        while True:
-            piece = sock.recv(65536)
-            if not piece:
-                break
-            received += piece
-    final = received[received.index(b"\r\n\r\n") + 4 :]
-    head_bytes, _, payload = final.partition(b"\r\n\r\n")
-    assert head_bytes.startswith(b"HTTP/1.1 200"), final
+    headers = {**bearer(), "X-Fake": "echo", "Expect": "100-continue", "Content-Length": str(len(body))}
+    with RawClient(rp.port, timeout=TIMEOUT) as client:
+        client.send_request("POST", "/chat/completions", headers, None, "proxy.local")
+        assert client.read_head()[0] == 100  # the interim answer, before any body byte was sent
+        client.send(body)
+        status, _, payload = client.read_response("POST")
+    assert status == 200, payload
     record = json.loads(payload)
     assert "expect" not in names(record)
     assert base64.b64decode(record["body_b64"]) == body
@@ -409,9 +363,9 @@ def test_x_forwarded_for_gets_the_client_address_appended(rp):
 
 
 def test_client_token_appears_nowhere_upstream(rp, upstream):
-    rid = new_id()
+    rid = new_id("t")
     echo(rp, headers={**bearer(), "X-Request-ID": rid, "X-Other": "1"}, json={"model": "m"})
-    (record,) = received_by_upstream(upstream, rid)
+    (record,) = upstream.records_of(rid)
     assert CLIENT_TOKEN not in json.dumps(record)
     assert CLIENT_TOKEN.encode() not in base64.b64decode(record["body_b64"])
     assert values(record, "Authorization") == [f"Bearer {UPSTREAM_KEY}"]
@@ -435,16 +389,14 @@ def test_never_both_content_length_and_transfer_encoding(rp, method):
 
 
 def test_nothing_of_our_own_is_added(rp, upstream):
-    rid = new_id()
-    status, _, _ = raw_request(
-        rp.port,
-        (
-            f"POST /chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {CLIENT_TOKEN}\r\n"
-            f"X-Request-ID: {rid}\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{{}}"
-        ).encode(),
-    )
+    rid = new_id("t")
+    with RawClient(rp.port, timeout=TIMEOUT) as client:  # exactly these headers, nothing else
+        client.send_request(
+            "POST", "/chat/completions", {**bearer(), "X-Request-ID": rid}, b"{}", "127.0.0.1"
+        )
+        status, _, _ = client.read_response("POST")
     assert status == 200
-    (record,) = received_by_upstream(upstream, rid)
+    (record,) = upstream.records_of(rid)
     present = names(record)
     for name in ("user-agent", "accept-encoding", "accept", "cookie"):
         assert name not in present, (name, record["headers"])

@@ -9,15 +9,14 @@ from __future__ import annotations
 import gzip
 import json
 import re
-import socket
 import time
-import uuid
 
 import pytest
 import requests
 
-from tests.conftest import start_proxy
+from tests.conftest import module_proxy
 from tests.support.procs import PYTHON, REPO, Process, free_port, wait_for
+from tests.support.rawhttp import RawClient, new_id
 from tests.support.tables import SECRETS, UPSTREAM_KEY, row, write_table
 
 TIMEOUT = 10
@@ -29,115 +28,30 @@ DEAD_KEY = "sk-dead-upstream-key-0f9e8d7c6b5a4f3e"
 
 @pytest.fixture(scope="module")
 def rp(tmp_path_factory, upstream):
-    tmp = tmp_path_factory.mktemp("responses")
     rows = {
         TOKEN: row(upstream.url + "/v1", UPSTREAM_KEY, token_id=21),
         DEAD_TOKEN: row(f"http://127.0.0.1:{free_port()}/v1", DEAD_KEY, token_id=22),
     }
-    write_table(tmp / "tokens.json", rows)
-    proxy = start_proxy(tmp)
-    yield proxy
-    proxy.stop()
+    yield from module_proxy(tmp_path_factory, "responses", rows)
 
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
-def new_id() -> str:
-    return "r-" + uuid.uuid4().hex
+def one_exchange(proxy, method: str, path: str, headers: dict | None = None):
+    """``exchange`` on a connection of its own."""
+    with RawClient(proxy.port, timeout=TIMEOUT) as conn:
+        return exchange(conn, method, path, headers)
 
 
-def requests_with_id(upstream, request_id: str) -> list[dict]:
-    return [
-        r
-        for r in upstream.requests()
-        if any(n.lower() == "x-request-id" and v == request_id for n, v in r["headers"])
-    ]
-
-
-class RawConnection:
-    """A keep-alive HTTP/1.1 client on a raw socket that parses responses strictly by their framing,
-    so stray bytes after a response show up as garbage before the next one."""
-
-    def __init__(self, port: int) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
-        self.buf = b""
-
-    def close(self) -> None:
-        self.sock.close()
-
-    def _fill(self) -> None:
-        data = self.sock.recv(65536)
-        if not data:
-            raise ConnectionError("connection closed by the proxy")
-        self.buf += data
-
-    def _line(self) -> bytes:
-        while b"\r\n" not in self.buf:
-            self._fill()
-        line, _, self.buf = self.buf.partition(b"\r\n")
-        return line
-
-    def _exact(self, n: int) -> bytes:
-        while len(self.buf) < n:
-            self._fill()
-        data, self.buf = self.buf[:n], self.buf[n:]
-        return data
-
-    def request(self, method: str, path: str, headers: dict[str, str] | None = None, body: bytes = b""):
-        lines = [f"{method} {path} HTTP/1.1", "Host: 127.0.0.1", *(f"{k}: {v}" for k, v in AUTH.items())]
-        lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
-        if body or method in ("POST", "PUT", "PATCH"):
-            lines.append(f"Content-Length: {len(body)}")
-        self.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
-        return self.read_response(method)
-
-    def read_response(self, method: str) -> tuple[int, list[tuple[str, str]], bytes]:
-        status_line = self._line().decode("latin-1")
-        match = re.fullmatch(r"HTTP/1\.[01] (\d{3})(?: .*)?", status_line)
-        assert match, f"not a status line: {status_line!r} (buffer {self.buf[:200]!r})"
-        status = int(match.group(1))
-        headers = []
-        while True:
-            line = self._line()
-            if not line:
-                break
-            name, sep, value = line.decode("latin-1").partition(":")
-            assert sep, line
-            headers.append((name.strip(), value.strip()))
-        lower = {n.lower(): v for n, v in headers}
-        if method == "HEAD" or status in (204, 304) or status < 200:
-            return status, headers, b""
-        if "chunked" in lower.get("transfer-encoding", "").lower():
-            body = b""
-            while True:
-                size = int(self._line().split(b";")[0], 16)
-                if size == 0:
-                    while self._line():
-                        pass
-                    return status, headers, body
-                body += self._exact(size)
-                assert self._exact(2) == b"\r\n"
-        if "content-length" in lower:
-            return status, headers, self._exact(int(lower["content-length"]))
-        while True:  # close-delimited
-            try:
-                self._fill()
-            except ConnectionError:
-                body, self.buf = self.buf, b""
-                return status, headers, body
-
-    def no_stray_bytes(self, wait: float = 0.3) -> bool:
-        if self.buf:
-            return False
-        self.sock.settimeout(wait)
-        try:
-            data = self.sock.recv(65536)
-        except TimeoutError:
-            return True
-        finally:
-            self.sock.settimeout(TIMEOUT)
-        return data == b""
+def exchange(
+    conn: RawClient, method: str, path: str, headers: dict[str, str] | None = None, body: bytes = b""
+):
+    """One request with the module's token on a keep-alive connection; its response, read strictly
+    by its framing (stray bytes after a response show up as garbage before the next one)."""
+    sent_body = body if body or method in ("POST", "PUT", "PATCH") else None
+    conn.send_request(method, path, {**AUTH, **(headers or {})}, sent_body, host="127.0.0.1")
+    return conn.read_response(method)
 
 
 def header_values(headers: list[tuple[str, str]], name: str) -> list[str]:
@@ -190,11 +104,7 @@ def test_end_to_end_response_headers_pass_in_order_and_unchanged(rp):
 
 
 def test_repeated_set_cookie_headers_are_kept_apart(rp):
-    conn = RawConnection(rp.port)
-    try:
-        status, headers, body = conn.request("GET", "/models", {"X-Fake": "json;cookies"})
-    finally:
-        conn.close()
+    status, headers, body = one_exchange(rp, "GET", "/models", {"X-Fake": "json;cookies"})
     assert status == 200
     assert header_values(headers, "Set-Cookie") == ["a=1; Path=/", "b=2; Path=/"]
     json.loads(body)
@@ -203,11 +113,7 @@ def test_repeated_set_cookie_headers_are_kept_apart(rp):
 
 
 def test_no_content_type_is_invented(rp):
-    conn = RawConnection(rp.port)
-    try:
-        status, headers, body = conn.request("GET", "/models", {"X-Fake": "json;noctype"})
-    finally:
-        conn.close()
+    status, headers, body = one_exchange(rp, "GET", "/models", {"X-Fake": "json;noctype"})
     assert status == 200
     assert header_values(headers, "Content-Type") == []
     json.loads(body)
@@ -247,7 +153,7 @@ def test_gzip_sse_stream_passes_through_compressed(rp):
 
 
 def test_bodyless_responses_leave_a_keep_alive_connection_clean(rp):
-    conn = RawConnection(rp.port)
+    conn = RawClient(rp.port, timeout=TIMEOUT)
     try:
         for method, fake in [
             ("HEAD", "json"),
@@ -262,7 +168,7 @@ def test_bodyless_responses_leave_a_keep_alive_connection_clean(rp):
             ("HEAD", "json;gzip"),
             ("GET", "json;size=50"),
         ]:
-            status, headers, body = conn.request(method, "/models", {"X-Fake": fake})
+            status, headers, body = exchange(conn, method, "/models", {"X-Fake": fake})
             expected = 204 if "204" in fake else 304 if "304" in fake else 200
             assert status == expected, (method, fake, headers)
             assert body == b"" or method == "GET", (method, fake)
@@ -278,10 +184,10 @@ def test_bodyless_responses_leave_a_keep_alive_connection_clean(rp):
 
 
 def test_head_response_keeps_the_upstream_length_and_type(rp):
-    conn = RawConnection(rp.port)
+    conn = RawClient(rp.port, timeout=TIMEOUT)
     try:
-        _, _, body = conn.request("GET", "/models", {"X-Fake": "json;size=777"})
-        status, headers, head_body = conn.request("HEAD", "/models", {"X-Fake": "json;size=777"})
+        _, _, body = exchange(conn, "GET", "/models", {"X-Fake": "json;size=777"})
+        status, headers, head_body = exchange(conn, "HEAD", "/models", {"X-Fake": "json;size=777"})
         assert conn.no_stray_bytes()
     finally:
         conn.close()
@@ -313,7 +219,7 @@ def assert_clean_error(response: requests.Response, status: int, rid: str, *forb
 
 
 def test_unreachable_upstream_is_502_json(rp):
-    rid = new_id()
+    rid = new_id("r")
     response = requests.post(
         rp.url + "/chat/completions?api_key=q-secret-7788&x=1",
         headers={"Authorization": f"Bearer {DEAD_TOKEN}", "X-Request-ID": rid},
@@ -326,7 +232,7 @@ def test_unreachable_upstream_is_502_json(rp):
 
 
 def test_garbage_from_upstream_is_502_json(rp):
-    rid = new_id()
+    rid = new_id("r")
     response = requests.post(
         rp.url + "/chat/completions?secret=zz-9911",
         headers={**AUTH, "X-Fake": "garbage", "X-Request-ID": rid},
@@ -335,29 +241,36 @@ def test_garbage_from_upstream_is_502_json(rp):
     assert_clean_error(response, 502, rid, "zz-9911", UPSTREAM_KEY, TOKEN, "abc")
 
 
-def test_redirect_is_passed_to_the_client_not_followed(rp, upstream):
-    rid = new_id()
-    response = requests.post(
-        rp.url + "/chat/completions",
-        headers={**AUTH, "X-Fake": "redirect=http://127.0.0.1:1/x", "X-Request-ID": rid},
+@pytest.mark.parametrize(
+    ("method", "path", "fake", "status", "location", "body"),
+    [
+        (
+            "POST",
+            "/chat/completions",
+            "redirect=http://127.0.0.1:1/x",
+            302,
+            "http://127.0.0.1:1/x",
+            b"redirect\n",
+        ),
+        ("GET", "/models", "redirect=/elsewhere;status=307", 307, "/elsewhere", None),
+    ],
+)
+def test_redirect_is_passed_to_the_client_not_followed(
+    rp, upstream, method, path, fake, status, location, body
+):
+    rid = new_id("r")
+    response = requests.request(
+        method,
+        rp.url + path,
+        headers={**AUTH, "X-Fake": fake, "X-Request-ID": rid},
         allow_redirects=False,
         timeout=TIMEOUT,
     )
-    assert response.status_code == 302
-    assert response.headers["Location"] == "http://127.0.0.1:1/x"
-    assert response.content == b"redirect\n"
-    assert len(requests_with_id(upstream, rid)) == 1
-
-    rid = new_id()
-    response = requests.get(
-        rp.url + "/models",
-        headers={**AUTH, "X-Fake": "redirect=/elsewhere;status=307", "X-Request-ID": rid},
-        allow_redirects=False,
-        timeout=TIMEOUT,
-    )
-    assert response.status_code == 307
-    assert response.headers["Location"] == "/elsewhere"
-    assert len(requests_with_id(upstream, rid)) == 1
+    assert response.status_code == status
+    assert response.headers["Location"] == location
+    if body is not None:
+        assert response.content == body
+    assert len(upstream.records_of(rid)) == 1
 
 
 # ------------------------------------------------------------------------ operational endpoints
@@ -389,7 +302,7 @@ def test_without_a_table_everything_is_503_until_a_good_file_appears(proxy_facto
     assert ready.json()["table_loaded"] is False
     assert requests.get(proxy.url + "/_proxy/healthz", timeout=TIMEOUT).status_code == 200
 
-    rid = new_id()
+    rid = new_id("r")
     response = requests.post(
         proxy.url + "/chat/completions", headers={**AUTH, "X-Request-ID": rid}, json={}, timeout=TIMEOUT
     )
@@ -417,7 +330,7 @@ def test_without_a_table_everything_is_503_until_a_good_file_appears(proxy_facto
 
 @pytest.mark.parametrize("method", ["TRACE", "FOO", "PROPFIND"])
 def test_unsupported_method_is_405_json_with_request_id(rp, upstream, method):
-    rid = new_id()
+    rid = new_id("r")
     response = requests.request(
         method, rp.url + "/chat/completions", headers={**AUTH, "X-Request-ID": rid}, timeout=TIMEOUT
     )
@@ -425,7 +338,7 @@ def test_unsupported_method_is_405_json_with_request_id(rp, upstream, method):
     assert response.headers["Content-Type"].startswith("application/json")
     assert response.headers["X-Request-ID"] == rid
     assert response.json()["error"]["request_id"] == rid
-    assert requests_with_id(upstream, rid) == []
+    assert upstream.records_of(rid) == []
 
 
 # ----------------------------------------------------------------------------- config errors

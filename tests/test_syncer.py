@@ -22,13 +22,13 @@ from pathlib import Path
 import pytest
 
 from common import tokentable
-from common.envparse import ConfigError
+from common.envparse import DEFAULT_TOKEN_FILE, REPO_DIR, ConfigError
 from syncer.__main__ import next_delay
 from syncer.backend import endpoint, safe_url
-from syncer.config import DEFAULT_TOKEN_FILE, REPO_DIR, SyncerConfig
+from syncer.config import SyncerConfig
 from syncer.sync import select_active
 from tests.fakes.backend import FakeBackendControl, generated_token
-from tests.support.procs import PYTHON, REPO, Process, free_port, port_open, wait_for
+from tests.support.procs import PYTHON, REPO, Process, free_port, wait_for
 
 LIST_PATH = "/api/tokens/with-model"
 LOGIN_PATH = "/api/auth/login"
@@ -155,17 +155,6 @@ def stop_timed(proc: Process, signum: int = signal.SIGTERM) -> tuple[int, float]
     proc.signal(signum)
     rc = proc.wait(10)
     return rc, time.monotonic() - started
-
-
-@pytest.fixture
-def backend(tmp_path):
-    port = free_port()
-    proc = Process([PYTHON, "-m", "tests.fakes.backend", "--port", str(port)], {}, tmp_path / "backend.log")
-    try:
-        wait_for(lambda: port_open(port), timeout=15, what="the fake backend to listen")
-        yield FakeBackendControl(port)
-    finally:
-        proc.stop()
 
 
 @pytest.fixture

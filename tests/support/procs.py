@@ -47,6 +47,19 @@ def port_open(port: int, host: str = "127.0.0.1") -> bool:
         return False
 
 
+def json_records(output: str) -> list[dict]:
+    """Every line of ``output`` that is a JSON object, parsed."""
+    records = []
+    for line in output.splitlines():
+        line = line.strip()
+        if line.startswith("{"):
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                pass
+    return records
+
+
 class Process:
     """A child process started by a test; stopped by PID only."""
 
@@ -91,15 +104,7 @@ class Process:
 
     def json_lines(self) -> list[dict]:
         """Every line of the process's output that is a JSON object."""
-        records = []
-        for line in self.output().splitlines():
-            line = line.strip()
-            if line.startswith("{"):
-                try:
-                    records.append(json.loads(line))
-                except ValueError:
-                    pass
-        return records
+        return json_records(self.output())
 
     def wait_for_log(self, predicate: Callable[[dict], bool], timeout: float = 10.0, what: str = "") -> dict:
         def find():

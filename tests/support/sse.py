@@ -1,114 +1,116 @@
-"""An SSE client on a raw socket, in a thread: what arrived, whether the chunked response ended
-cleanly (terminal chunk) or was cut, and the first event as a signal."""
+"""SSE on the client side: an incremental event parser with arrival times (``sse_events``), and a
+threaded client (``StreamReader``) that streams one chat completion through a raw socket: what
+arrived and when, whether the chunked response ended cleanly (terminal chunk) or was cut."""
 
 from __future__ import annotations
 
 import json
 import re
-import socket
 import threading
 import time
-import uuid
+from collections.abc import Iterable, Iterator
 
+from tests.support.rawhttp import CHAT, RawClient, new_id
 from tests.support.tables import CLIENT_TOKEN
 
 EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
+_LINE_END = re.compile(rb"\r\n|\n|\r")
 BODY = json.dumps(
     {"model": "m-stream", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
 ).encode()
 
 
-class StreamReader(threading.Thread):
-    """Reads one chunked SSE response through a raw socket in the background."""
+def sse_events(pieces: Iterable[tuple[float, bytes]]) -> Iterator[tuple[float, str]]:
+    """Parse an SSE byte stream incrementally: yield (arrival time of the event's last byte, data)
+    for each event with data lines (comments and data-less events are skipped)."""
+    buf = b""
+    for arrived, piece in pieces:
+        buf += piece
+        while (match := EVENT_END.search(buf)) is not None:
+            block, buf = buf[: match.start()], buf[match.end() :]
+            data = [line[5:].lstrip(b" ") for line in _LINE_END.split(block) if line.startswith(b"data:")]
+            if data:
+                yield arrived, b"\n".join(data).decode()
 
-    def __init__(self, port: int, fake: str, token: str = CLIENT_TOKEN) -> None:
+
+class StreamReader(threading.Thread):
+    """Streams one chat completion (X-Fake: ``fake``) through a raw socket in the background."""
+
+    def __init__(
+        self, port: int, fake: str, token: str = CLIENT_TOKEN, request_id: str | None = None
+    ) -> None:
         super().__init__(daemon=True)
-        self.port, self.fake = port, fake
-        self.request_id = "s-" + uuid.uuid4().hex
-        self.request = (
-            f"POST /chat/completions HTTP/1.1\r\nHost: proxy.test\r\nAuthorization: Bearer {token}\r\n"
-            f"X-Fake: {fake}\r\nX-Request-ID: {self.request_id}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(BODY)}\r\n\r\n"
-        ).encode() + BODY
-        self.events: list[str] = []
-        self.arrived: list[float] = []  # time.time() at which each event of self.events was read
+        self.port, self.fake, self.token = port, fake, token
+        self.request_id = request_id or new_id("s")
+        self.timed_events: list[tuple[float, str]] = []  # (arrival time, data)
         self.status = 0
         self.clean_end = False
+        self.ended_at: float | None = None
         self.error: BaseException | None = None
         self.first_event = threading.Event()
 
-    def run(self) -> None:
-        try:
-            self._run()
-        except BaseException as exc:
-            self.error = exc
-        finally:
-            self.first_event.set()
+    @property
+    def events(self) -> list[str]:
+        return [data for _, data in self.timed_events]
 
-    def _recv(self, sock: socket.socket) -> bytes:
-        try:
-            return sock.recv(65536)
-        except ConnectionResetError:
-            return b""
-
-    def _run(self) -> None:
-        sock = socket.create_connection(("127.0.0.1", self.port), timeout=20)
-        try:
-            sock.sendall(self.request)
-            buf = b""
-            while b"\r\n\r\n" not in buf:
-                data = self._recv(sock)
-                if not data:
-                    raise EOFError(buf)
-                buf += data
-            head, _, buf = buf.partition(b"\r\n\r\n")
-            self.status = int(head.split(b" ")[1])
-            assert b"transfer-encoding: chunked" in head.lower(), head
-            sse = b""
-            while True:
-                while b"\r\n" not in buf:
-                    data = self._recv(sock)
-                    if not data:
-                        return
-                    buf += data
-                size_line, _, buf = buf.partition(b"\r\n")
-                size = int(size_line.split(b";")[0], 16)
-                while len(buf) < size + 2:
-                    data = self._recv(sock)
-                    if not data:
-                        return
-                    buf += data
-                if size == 0:
-                    self.clean_end = buf[:2] == b"\r\n"
-                    return
-                sse += buf[:size]
-                buf = buf[size + 2 :]
-                while (match := EVENT_END.search(sse)) is not None:
-                    block, sse = sse[: match.start()], sse[match.end() :]
-                    if block.startswith(b"data: "):
-                        self.events.append(block[6:].decode())
-                        self.arrived.append(time.time())
-                        self.first_event.set()
-        finally:
-            sock.close()
+    @property
+    def arrived(self) -> list[float]:
+        """time.time() at which each event of ``events`` was read."""
+        return [arrived for arrived, _ in self.timed_events]
 
     def delays(self) -> list[float]:
         """Seconds from each chunk event's ``t_sent`` (the fake upstream's clock) to its arrival here."""
         return [
-            arrived - json.loads(event)["t_sent"]
-            for arrived, event in zip(self.arrived, self.events, strict=True)
-            if event != "[DONE]" and "t_sent" in event
+            arrived - json.loads(data)["t_sent"]
+            for arrived, data in self.timed_events
+            if data != "[DONE]" and "t_sent" in data
         ]
 
+    def run(self) -> None:
+        try:
+            with RawClient(self.port, timeout=20) as client:
+                headers = {
+                    "Authorization": f"Bearer {self.token}",
+                    "X-Fake": self.fake,
+                    "X-Request-ID": self.request_id,
+                    "Content-Type": "application/json",
+                }
+                client.send_request("POST", CHAT, headers, BODY)
+                self.status, head = client.read_head()
+                assert head.get("transfer-encoding") == "chunked", client.header_list
+                for event in sse_events(client.iter_body()):
+                    self.timed_events.append(event)
+                    self.first_event.set()
+                self.clean_end = client.clean_end
+        except BaseException as exc:
+            self.error = exc
+        finally:
+            self.ended_at = time.time()
+            self.first_event.set()
+
+    def wait_events(self, count: int, timeout: float) -> bool:
+        """True once ``count`` events arrived (False at the timeout or when the stream ended short)."""
+        deadline = time.monotonic() + timeout
+        while len(self.timed_events) < count and time.monotonic() < deadline and self.is_alive():
+            time.sleep(0.01)
+        return len(self.timed_events) >= count
+
+    def finish(self, timeout: float) -> None:
+        self.join(timeout)
+        assert not self.is_alive(), "the stream did not finish"
+        assert self.error is None, repr(self.error)
+
+    def chunk_events(self) -> list[tuple[float, dict]]:
+        return [(arrived, json.loads(data)) for arrived, data in self.timed_events if data != "[DONE]"]
+
     def indexes(self) -> list[int]:
-        return [json.loads(e)["i"] for e in self.events if e != "[DONE]"]
+        return [event["i"] for _, event in self.chunk_events()]
 
     def complete(self, events: int) -> bool:
-        indexes = [json.loads(e)["i"] for e in self.events if e != "[DONE]"]
         return (
             self.error is None
             and self.status == 200
-            and indexes == list(range(events))
+            and self.indexes() == list(range(events))
             and self.events[-1:] == ["[DONE]"]
             and self.clean_end
         )

@@ -1,28 +1,32 @@
-"""Runs last (by name): canary secrets must never leak into a response or into any log line.
+"""Canary secrets must never leak into a response or into any log line.
 
 First, traffic carrying the canaries (tests.support.tables) in headers, bodies, query strings and
 paths goes through proxies whose tables use those keys, forced errors included (unreachable
 upstream, upstream 401, our own 401/405/400, legacy override), and through an egress proxy
 (UPSTREAM_PROXY with the PROXY_PASSWORD canary: tunnels and absolute-form requests that work, a
-proxy that cannot be reached, a proxy that answers 407). No response may carry a canary
-(the fake upstream never echoes here). Then every log file any process of this pytest session
-wrote (tests.support.procs.LOG_FILES) is read whole: not one canary may appear in it. The fakes'
-own logs are not proxy logs and are left out.
+proxy that cannot be reached, a proxy that answers 407). No response may carry a canary (the fake
+upstream never echoes here), nor any log line of these proxies.
+
+Every log file any process of the whole pytest session wrote (tests.support.procs.LOG_FILES) is
+grepped the same way when the session ends, by the conftest hook (tests.support.secrets): that
+holds whatever runs first or alone, and a leak there fails the run.
 """
 
 from __future__ import annotations
 
 import json
 import socket
+import subprocess
+import sys
 import time
 import uuid
-from pathlib import Path
 
 import pytest
 import requests
 
 from tests.conftest import start_connect_proxy, start_proxy
-from tests.support.procs import LOG_FILES, free_port
+from tests.support.procs import LOG_FILES, REPO, free_port
+from tests.support.secrets import log_leaks
 from tests.support.tables import (
     CLIENT_TOKEN,
     OTHER_CLIENT_TOKEN,
@@ -449,22 +453,34 @@ def test_proxy_logs_of_this_module_recorded_the_traffic(traffic):
     assert total >= len(traffic.responses)
 
 
-def _is_fake_log(path: Path) -> bool:
-    return path.name.startswith(("upstream-", "backend"))
-
-
-def test_no_log_of_the_whole_run_contains_a_secret(traffic):
-    checked = 0
-    leaks = []
-    for path in LOG_FILES:
-        if _is_fake_log(path) or not path.exists():
-            continue
-        checked += 1
-        text = path.read_text(errors="replace")
-        for secret in SECRETS:
-            count = text.count(secret)
-            if count:
-                line = next(x for x in text.splitlines() if secret in x)
-                leaks.append(f"{path.name}: {count} x {secret!r}, e.g. {line[:600]}")
-    assert checked >= len(traffic.proxy_logs)
+def test_no_log_of_this_module_contains_a_secret(traffic):
+    leaks = log_leaks(traffic.proxy_logs)
     assert leaks == [], "\n".join(leaks)
+
+
+LEAKY_TEST = """
+from tests.support.procs import LOG_FILES
+from tests.support.tables import CLIENT_TOKEN
+
+
+def test_writes_a_leaky_log(tmp_path):
+    path = tmp_path / "proxy-leaky.log"
+    path.write_text('{"logger": "proxy.access", "note": "%s"}\\n' % CLIENT_TOKEN)
+    LOG_FILES.append(path)
+"""
+
+
+def test_a_leak_in_any_log_of_a_run_fails_that_run(tmp_path):
+    """The session-end grep, in a pytest run of its own: its one test passes, the run fails."""
+    test_file = tmp_path / "test_leaky.py"
+    test_file.write_text(LEAKY_TEST)
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "tests.conftest", test_file],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert "1 passed" in done.stdout, done.stdout[-2000:]
+    assert done.returncode == 1, done.stdout[-2000:]
+    assert "SECRETS LEAKED" in done.stdout and "proxy-leaky.log" in done.stdout
