@@ -154,8 +154,8 @@ def test_fake_egress_proxy_tunnels_and_relays_with_basic_auth(egress, tls_ca, ht
         )
         assert denied.status_code == 407
         assert denied.headers["Proxy-Authenticate"] == 'Basic realm="fake"'
-    assert len(https_upstream.requests_with_id(tunnelled)) == 1
-    relayed_records = upstream.requests_with_id(relayed)
+    assert len(https_upstream.records_of(tunnelled)) == 1
+    relayed_records = upstream.records_of(relayed)
     assert len(relayed_records) == 3
     assert relayed_records[0]["conn_id"] == relayed_records[1]["conn_id"] != relayed_records[2]["conn_id"]
     log = [(e["method"], e["target"], e["authorized"], e["status"]) for e in entries_since(egress, start)]
@@ -184,7 +184,7 @@ def test_fake_egress_proxy_switches_origin_on_one_client_connection(egress, upst
                 ).encode()
             )
             assert read_response(sock, timeout=TIMEOUT).status == 200
-    records = upstream.requests_with_id(request_id)
+    records = upstream.records_of(request_id)
     assert len(records) == 3
     assert records[0]["conn_id"] != records[1]["conn_id"] == records[2]["conn_id"]
     assert [e["target"] for e in entries_since(egress, start)] == [
@@ -201,7 +201,7 @@ def test_https_upstream_through_a_connect_tunnel_with_basic_auth(via_egress, egr
     response = post_chat(via_egress, CLIENT_TOKEN, request_id)
     assert response.status_code == 200, response.text
     assert response.json()["usage"]["total_tokens"] == 33
-    [record] = https_upstream.requests_with_id(request_id)
+    [record] = https_upstream.records_of(request_id)
     conn = https_upstream.connection(record["conn_id"])
     assert conn["tls"] is True  # TLS end to end with the upstream, inside the tunnel
     headers = {name.lower(): value for name, value in record["headers"]}
@@ -225,13 +225,13 @@ def test_sse_through_the_tunnel_is_not_buffered(via_egress, https_upstream):
     print(f"SSE through the egress tunnel: max delay {max(delays) * 1000:.1f} ms")
     assert max(delays) < 0.5, [round(d, 3) for d in delays]
     assert reader.arrived[7] - reader.arrived[0] > 0.8
-    assert len(https_upstream.requests_with_id(reader.request_id)) == 1
+    assert len(https_upstream.records_of(reader.request_id)) == 1
 
 
 def test_client_leaving_closes_the_upstream_connection_through_the_tunnel(via_egress, https_upstream):
     request_id = new_id("egress")
     left = leave_mid_stream(via_egress.port, request_id)
-    [record] = wait_for(lambda: https_upstream.requests_with_id(request_id), timeout=5)
+    [record] = wait_for(lambda: https_upstream.records_of(request_id), timeout=5)
 
     def closed():
         conn = https_upstream.connection(record["conn_id"])
@@ -260,7 +260,7 @@ def test_bad_certificate_behind_the_tunnel_is_a_tls_error(via_egress, egress, ex
     assert [(e["method"], e["target"], e["authorized"]) for e in log][:1] == [
         ("CONNECT", f"127.0.0.1:{expired_upstream.port}", True)
     ], log
-    assert expired_upstream.requests_with_id(request_id) == []
+    assert expired_upstream.records_of(request_id) == []
     failures = wait_for(lambda: expired_upstream.tls_failures()[failures_before:], timeout=5)
     assert "alert" in failures[0]["error"].lower(), failures
 
@@ -270,7 +270,7 @@ def test_http_upstream_through_the_proxy_in_absolute_form(via_egress, egress, up
     request_id = new_id("egress")
     response = post_chat(via_egress, OTHER_CLIENT_TOKEN, request_id)
     assert response.status_code == 200, response.text
-    [record] = upstream.requests_with_id(request_id)
+    [record] = upstream.records_of(request_id)
     assert record["target"] == "/v2" + CHAT
     headers = {name.lower(): value for name, value in record["headers"]}
     assert headers["authorization"] == f"Bearer {OTHER_UPSTREAM_KEY}"
@@ -307,7 +307,7 @@ def test_no_proxy_hosts_bypass_the_proxy(
         start = len(egress.log())
         first = new_id("egress")
         assert post_chat(proxy, CLIENT_TOKEN, first).status_code == 200
-        assert len(https_upstream.requests_with_id(first)) == 1
+        assert len(https_upstream.records_of(first)) == 1
         log = entries_since(egress, start)
         expected = [("CONNECT", f"127.0.0.1:{https_upstream.port}")] if https_proxied else []
         assert [(e["method"], e["target"]) for e in log] == expected, log
@@ -315,7 +315,7 @@ def test_no_proxy_hosts_bypass_the_proxy(
         start = len(egress.log())
         second = new_id("egress")
         assert post_chat(proxy, OTHER_CLIENT_TOKEN, second).status_code == 200
-        assert len(upstream.requests_with_id(second)) == 1
+        assert len(upstream.records_of(second)) == 1
         log = entries_since(egress, start)
         expected = [("POST", f"http://localhost:{upstream.port}/v2{CHAT}")] if http_proxied else []
         assert [(e["method"], e["target"]) for e in log] == expected, log
@@ -346,7 +346,7 @@ def test_percent_encoded_credentials(tmp_path_factory, tls_ca, https_upstream, u
             assert SPECIAL_PASSWORD not in response.text and SPECIAL_ENCODED not in response.text
             if reachable:
                 assert response.status_code == 200, response.text
-                assert len(fake.requests_with_id(request_id)) == 1
+                assert len(fake.records_of(request_id)) == 1
             else:
                 assert response.status_code == 502, response.text
                 assert response.json()["error"]["code"] == "upstream_proxy_error"
@@ -371,7 +371,7 @@ def test_generic_proxy_variables_are_ignored(tmp_path_factory, egress, tls_ca, h
         for token, fake in ((CLIENT_TOKEN, https_upstream), (OTHER_CLIENT_TOKEN, upstream)):
             request_id = new_id("egress")
             assert post_chat(proxy, token, request_id).status_code == 200
-            assert len(fake.requests_with_id(request_id)) == 1
+            assert len(fake.records_of(request_id)) == 1
         assert entries_since(egress, start) == []
     finally:
         proxy.stop()
@@ -396,7 +396,7 @@ def test_unreachable_proxy_gives_502_naming_the_proxy(tmp_path_factory, https_up
             print(f"proxy refused: {message}")
             assert f"http://127.0.0.1:{closed_port}" in message, message
             assert str(fake.port) not in message, message  # names the proxy, not the upstream
-            assert fake.requests_with_id(request_id) == []
+            assert fake.records_of(request_id) == []
     finally:
         proxy.stop()
 
@@ -417,7 +417,7 @@ def test_proxy_answering_407_gives_502(tmp_path_factory, egress, https_upstream,
             message = assert_proxy_error(proxy, response, request_id)
             print(f"407 via {method}: {message}")
             assert "Proxy-Authenticate" not in response.headers
-            assert fake.requests_with_id(request_id) == []
+            assert fake.records_of(request_id) == []
             log = entries_since(egress, start)
             assert log and all(e["method"] == method and e["authorized"] is False for e in log), log
     finally:

@@ -58,7 +58,7 @@ def assert_tls_error(proxy, response: requests.Response, request_id: str) -> dic
 
 def assert_refused_by_the_proxy(fake, request_id: str, failures_before: int) -> list[dict]:
     """Nothing reached the fake, yet the proxy did try: a handshake the proxy ended with an alert."""
-    assert fake.requests_with_id(request_id) == []
+    assert fake.records_of(request_id) == []
     failures = wait_for(
         lambda: fake.tls_failures()[failures_before:], timeout=5, what="the failed handshake at the fake"
     )
@@ -114,7 +114,7 @@ def test_fake_upstream_serves_https_and_records_tls_connections(https_upstream, 
             )
             assert response.status_code == 200
             assert response.json()["usage"]["total_tokens"] == 33
-    records = https_upstream.requests_with_id(request_id)
+    records = https_upstream.records_of(request_id)
     assert len(records) == 3
     assert len({r["conn_id"] for r in records}) == 1  # keep-alive over TLS
     conn = https_upstream.connection(records[0]["conn_id"])
@@ -122,7 +122,7 @@ def test_fake_upstream_serves_https_and_records_tls_connections(https_upstream, 
     # The plain fake is unchanged: HTTP, tls false.
     plain_id = new_id()
     assert requests.get(upstream.url + "/v1/models", headers={"X-Request-ID": plain_id}, timeout=5).ok
-    plain = upstream.requests_with_id(plain_id)
+    plain = upstream.records_of(plain_id)
     assert upstream.connection(plain[0]["conn_id"])["tls"] is False
 
 
@@ -169,7 +169,7 @@ def test_fake_upstream_notices_a_tls_client_leaving_mid_stream(https_upstream, t
     finally:
         sock.close()
     left = time.time()
-    conn_id = https_upstream.requests_with_id(request_id)[0]["conn_id"]
+    conn_id = https_upstream.records_of(request_id)[0]["conn_id"]
     conn = wait_for(
         lambda: (c := https_upstream.connection(conn_id))["closed"] is not None and c,
         timeout=5,
@@ -200,7 +200,7 @@ def test_json_request_to_an_https_upstream_with_the_private_ca(tls_proxy, https_
     response = post_chat(tls_proxy, CLIENT_TOKEN, request_id)
     assert response.status_code == 200, response.text
     assert response.json()["usage"] == {"prompt_tokens": 11, "completion_tokens": 22, "total_tokens": 33}
-    [record] = https_upstream.requests_with_id(request_id)
+    [record] = https_upstream.records_of(request_id)
     assert record["target"] == "/v1" + CHAT
     headers = {name.lower(): value for name, value in record["headers"]}
     assert headers["authorization"] == f"Bearer {UPSTREAM_KEY}"
@@ -220,7 +220,7 @@ def test_sse_stream_from_an_https_upstream_is_not_buffered(tls_proxy, https_upst
     assert len(delays) == 10
     assert max(delays) < 0.5, [round(d, 3) for d in delays]
     assert reader.arrived[9] - reader.arrived[0] > 1.0  # really spread out: not vacuous
-    [record] = https_upstream.requests_with_id(reader.request_id)
+    [record] = https_upstream.records_of(reader.request_id)
     assert https_upstream.connection(record["conn_id"])["tls"] is True
     assert tls_proxy.access_line(reader.request_id)["end_reason"] == "complete"
 
@@ -243,7 +243,7 @@ def test_sequential_requests_reuse_one_tls_connection_to_the_upstream(tls_proxy,
             assert response.header("X-Request-ID") == request_id
     conn_ids = set()
     for request_id in ids:
-        [record] = https_upstream.requests_with_id(request_id)
+        [record] = https_upstream.records_of(request_id)
         conn_ids.add(record["conn_id"])
     assert len(conn_ids) == 1, f"20 requests over {len(conn_ids)} upstream connections"
     conn = https_upstream.connection(conn_ids.pop())
@@ -256,12 +256,12 @@ def test_pooled_tls_connection_closed_by_the_upstream_is_not_a_failure(tls_proxy
     still succeeds, on a new connection."""
     first = new_id()
     assert post_chat(tls_proxy, CLIENT_TOKEN, first, "json;idle_close=0.1").status_code == 200
-    [one] = https_upstream.requests_with_id(first)
+    [one] = https_upstream.records_of(first)
     wait_for(lambda: https_upstream.connection(one["conn_id"])["closed"] is not None, timeout=5)
     second = new_id()
     response = post_chat(tls_proxy, CLIENT_TOKEN, second)
     assert response.status_code == 200, response.text
-    [two] = https_upstream.requests_with_id(second)
+    [two] = https_upstream.records_of(second)
     assert two["conn_id"] != one["conn_id"]
     assert tls_proxy.access_line(second)["end_reason"] == "complete"
 
@@ -269,7 +269,7 @@ def test_pooled_tls_connection_closed_by_the_upstream_is_not_a_failure(tls_proxy
 def test_client_leaving_mid_stream_closes_the_tls_upstream_connection(tls_proxy, https_upstream):
     request_id = new_id()
     left = leave_mid_stream(tls_proxy.port, request_id)
-    [record] = wait_for(lambda: https_upstream.requests_with_id(request_id), timeout=5)
+    [record] = wait_for(lambda: https_upstream.records_of(request_id), timeout=5)
 
     def closed():
         conn = https_upstream.connection(record["conn_id"])
@@ -289,7 +289,7 @@ def test_ca_bundle_given_as_a_directory_of_hashed_certificates(proxy_factory, tl
     request_id = new_id()
     response = post_chat(proxy, CLIENT_TOKEN, request_id)
     assert response.status_code == 200, response.text
-    assert len(https_upstream.requests_with_id(request_id)) == 1
+    assert len(https_upstream.records_of(request_id)) == 1
 
 
 def test_without_a_ca_bundle_the_private_ca_is_not_trusted(proxy_factory, https_upstream, tls_ca):
@@ -309,7 +309,7 @@ def test_without_a_ca_bundle_the_private_ca_is_not_trusted(proxy_factory, https_
     # The worker stays healthy and keeps refusing (no connection was pooled by the failure).
     second = new_id()
     assert_tls_error(proxy, post_chat(proxy, CLIENT_TOKEN, second), second)
-    assert https_upstream.requests_with_id(second) == []
+    assert https_upstream.records_of(second) == []
 
 
 @pytest.mark.parametrize("name", list(BAD_TOKENS))
@@ -364,5 +364,5 @@ def test_ca_bundle_is_read_once_at_start(proxy_factory, tls_ca, https_upstream, 
     second = new_id()
     response = post_chat(proxy, CLIENT_TOKEN, second)
     assert response.status_code == 200, response.text
-    [one], [two] = https_upstream.requests_with_id(first), https_upstream.requests_with_id(second)
+    [one], [two] = https_upstream.records_of(first), https_upstream.records_of(second)
     assert one["conn_id"] != two["conn_id"]  # a new TLS connection was verified without the file
