@@ -32,6 +32,11 @@ def build():
     config = ProxyConfig.from_env()
     setup_logging(config.log_level, "proxy")
     app = create_app(config)
+    limiter = app.extensions["proxy.limiter"]
+    # A few seconds for a Redis that supervisord starts beside us; still unreachable: serve
+    # without limits (one error line) and enforce as soon as it answers, never refuse to start.
+    limiter.check_reachable(3.0, fail=False)
+    limiter.start()
     store = app.extensions["proxy.table_store"]
     if store is not None:
         store.check()
@@ -96,6 +101,7 @@ def main() -> int:
     )
     server.drain()
     drained = server.wait_drained(config.graceful_timeout)
+    app.extensions["proxy.limiter"].close(timeout=1.0)  # the slots still held go back at once
     try:  # its counters stay in the deployment's sums; its live gauges (workers, in flight) go
         app.extensions["proxy.metrics"].close()
     except OSError:

@@ -7,9 +7,10 @@ from flask import Flask
 from proxyapp.config import ProxyConfig
 from proxyapp.egress import EgressProxy
 from proxyapp.forward import Forwarder
+from proxyapp.limits import Limiter
 from proxyapp.metrics import WorkerMetrics
 from proxyapp.routing import make_router
-from proxyapp.table_store import TableStore
+from proxyapp.table_store import LimitSettings, TableStore
 from proxyapp.upstream import UpstreamClient, make_tls_context
 from proxyapp.views import register
 
@@ -23,18 +24,20 @@ def create_app(
     WSGI servers can wire their own store.
     """
     if config.enable_token_routing and table_store is None:
-        table_store = TableStore(config.token_file, config.token_file_poll)
+        table_store = TableStore(config.token_file, config.token_file_poll, LimitSettings.from_config(config))
     if not config.enable_token_routing:
         table_store = None
     upstream = upstream or make_upstream_client(config)
-    metrics = WorkerMetrics(config.metrics_dir, store=table_store)
-    forwarder = Forwarder(config, make_router(config, table_store), upstream, metrics)
+    limiter = Limiter.from_config(config)  # disabled (nothing limited) without LIMITS_REDIS_URL
+    metrics = WorkerMetrics(config.metrics_dir, store=table_store, limiter=limiter)
+    forwarder = Forwarder(config, make_router(config, table_store), upstream, metrics, limiter)
     metrics.in_flight = lambda: forwarder.in_flight
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = None
     app.extensions["proxy.table_store"] = table_store
     app.extensions["proxy.forwarder"] = forwarder
     app.extensions["proxy.metrics"] = metrics
+    app.extensions["proxy.limiter"] = limiter
     register(app, forwarder, table_store, config.sync_interval_minutes, metrics)
     return app
 

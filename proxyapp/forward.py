@@ -27,12 +27,14 @@ from proxyapp.headers import (
     upstream_request_headers,
 )
 from proxyapp.keepalive import is_event_stream, with_keepalive
+from proxyapp.limits import UNLIMITED, Admission, Limiter
 from proxyapp.logs import AccessRecord, write_access
 from proxyapp.routing import Decision, Rejection, Router
 from proxyapp.upstream import UpstreamClient, UpstreamError, body_chunks, describe_stream_error, open_upstream
 from proxyapp.usage import UsageMeter, request_fields
 from proxyapp.watchdog import Watchdog
 
+_RATELIMIT_HEADERS = frozenset({"x-ratelimit-limit-requests", "x-ratelimit-remaining-requests"})
 _STREAM_ERRORS = (urllib3.exceptions.HTTPError, OSError, http.client.HTTPException, ValueError)
 _now = time.perf_counter
 _monotonic = time.monotonic
@@ -41,11 +43,19 @@ _monotonic = time.monotonic
 class Forwarder:
     """Everything fixed for the life of the worker: config, router, upstream client, limits."""
 
-    def __init__(self, config: ProxyConfig, router: Router, upstream: UpstreamClient, metrics=None) -> None:
+    def __init__(
+        self,
+        config: ProxyConfig,
+        router: Router,
+        upstream: UpstreamClient,
+        metrics=None,
+        limiter: Limiter | None = None,
+    ) -> None:
         self.config = config
         self.metrics = metrics
         self.router = router
         self.upstream = upstream
+        self.limiter = limiter if limiter is not None else Limiter("")
         self.timeout = (config.upstream_connect_timeout, config.upstream_read_timeout)
         self.total_timeout = config.upstream_total_timeout
         self.log_body_max = config.log_body_max_bytes
@@ -63,6 +73,7 @@ class Exchange:
     (an answer of our own), ``_abort_connection`` (nothing can be sent), or the end of ``_stream``."""
 
     __slots__ = (
+        "admission",
         "client",
         "decision",
         "finished",
@@ -88,6 +99,7 @@ class Exchange:
             request_headers=head.headers,
         )
         self.client: ClientHeaders | None = None
+        self.admission: Admission = UNLIMITED
         self.decision: Decision | None = None
         self.raw = None
         self.meter: UsageMeter | None = None
@@ -117,6 +129,14 @@ class Exchange:
             return self._error(err.status, err.code, err.message)
         except ClientGone:
             return self._abort_connection("client_gone")
+        # After the body (a slow upload holds no slot; a 429 leaves no unread body behind), before
+        # anything goes upstream. An unlimited token costs one attribute test, no I/O.
+        self.admission = admission = self.fw.limiter.acquire(decision.route.limits)
+        if not admission.admitted:
+            record.limit = admission.limit
+            return self._error(
+                429, admission.code, admission.message, admission.retry_after, reason="rate_limited"
+            )
         return self._forward()
 
     # -- the upstream
@@ -164,6 +184,10 @@ class Exchange:
         event_stream = is_event_stream(raw.headers.get("Content-Type"))
         out = client_response_headers(list(raw.headers.items()), raw.chunked, status, event_stream)
         out.append(("X-Request-ID", head.request_id))
+        limit_headers = self.admission.headers
+        if limit_headers:  # a limited token: our figures, not the upstream's of the same names
+            out[:] = [item for item in out if item[0].lower() not in _RATELIMIT_HEADERS]
+            out.extend(limit_headers)
         record.response_headers = out
         status_line = f"{status} {raw.reason or reason_phrase(status)}"
         if head.method == "HEAD" or status in NO_BODY_STATUS or status < 200:
@@ -249,6 +273,7 @@ class Exchange:
             return
         self.finished = True
         record = self.record
+        self.fw.limiter.release(self.admission)  # never blocks; sent by the limiter's greenlet
         self._disarm()
         self._release_upstream(complete=record.end_reason == "complete")
         meter = self.meter
@@ -282,6 +307,7 @@ class Exchange:
         record.end_reason = reason or ("rejected" if status < 500 else "error")
         record.error = error or message
         extra = (("Retry-After", str(retry_after)),) if retry_after is not None else ()
+        extra += self.admission.headers
         status_line, headers, body = error_response(status, code, message, record.request_id, extra)
         record.response_headers = headers
         record.response_capture = body

@@ -80,6 +80,7 @@ class AccessRecord:
     model: str | None = None  # from a JSON request body
     stream: bool | None = None
     usage: dict[str, int | None] | None = None
+    limit: str | None = None  # which per-token limit refused it ("concurrency", "rpm"), if one did
 
     @property
     def model_name(self) -> str:
@@ -144,6 +145,7 @@ def write_access(record: AccessRecord, body_limit: int = 0) -> None:
             "response_body_truncated": response_truncated,
             "model": record.model,
             "stream": record.stream,
+            "limit": record.limit,
             **(record.usage or _NO_USAGE),
         }
     )

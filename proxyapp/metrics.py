@@ -239,9 +239,10 @@ _TABLE_GAUGES = (
 class WorkerMetrics:
     """This worker's metrics (written into METRICS_DIR as they change) and the scrape registry."""
 
-    def __init__(self, directory: str, *, store=None, in_flight=lambda: 0) -> None:
+    def __init__(self, directory: str, *, store=None, in_flight=lambda: 0, limiter=None) -> None:
         self.directory = directory
         self.store = store
+        self.limiter = limiter if limiter is not None and limiter.enabled else None
         self.in_flight = in_flight
         self.pid = os.getpid()
         _use_multiprocess_files(directory)
@@ -265,6 +266,31 @@ class WorkerMetrics:
             if store.reload_failures:
                 self.table_reload_failures_total.inc(store.reload_failures)
             store.on_reject = self.table_reload_failures_total.inc
+        if self.limiter is not None:
+            self._limiter_counts = {"outages": 0, "unenforced": 0}  # what the files hold already
+            refused = Counter(
+                "llmproxy_rate_limited_total",
+                "Requests refused with 429 by a per-token limit, by limit.",
+                ("limit",),
+                registry=None,
+            )
+            self.rate_limited = {limit: refused.labels(limit)._value for limit in ("concurrency", "rpm")}
+            self.limiter_outages_total = Counter(
+                "llmproxy_limiter_outages_total",
+                "Times a worker found the limits' Redis unreachable.",
+                registry=None,
+            )
+            self.limiter_unenforced_total = Counter(
+                "llmproxy_limiter_unenforced_total",
+                "Requests of limited tokens served unchecked while Redis was down.",
+                registry=None,
+            )
+            self.limiter_redis_down = Gauge(
+                "llmproxy_limiter_redis_down",
+                "Workers that see the limits' Redis down now.",
+                registry=None,
+                multiprocess_mode="livesum",
+            )
         self._series: dict[tuple, _Series] = {}
         self._models: dict[str, tuple] = {}
         self.registry = CollectorRegistry(auto_describe=False)
@@ -303,6 +329,8 @@ class WorkerMetrics:
             _observe(series.ttfb, ttfb)
         for value in series.extra:
             _add(value, 1)
+        if record.limit is not None:
+            _add(self.rate_limited[record.limit], 1)
         usage = record.usage
         if usage:
             for field, value in series.usage:
@@ -330,6 +358,17 @@ class WorkerMetrics:
     def refresh(self) -> None:
         """Write this worker's sampled gauges (once a second, and before answering a scrape)."""
         self.in_flight_requests.set(self.in_flight())
+        limiter = self.limiter
+        if limiter is not None:  # the limiter counts; the files catch up here, exactly
+            seen = self._limiter_counts
+            for name, counter, total in (
+                ("outages", self.limiter_outages_total, limiter.outages_total),
+                ("unenforced", self.limiter_unenforced_total, limiter.unenforced_total),
+            ):
+                if total > seen[name]:
+                    counter.inc(total - seen[name])
+                    seen[name] = total
+            self.limiter_redis_down.set(1 if limiter.down_since is not None else 0)
         store = self.store
         if store is None:
             return
