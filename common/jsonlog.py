@@ -14,7 +14,7 @@ import sys
 from collections.abc import Iterable
 
 from pythonjsonlogger.core import RESERVED_ATTRS
-from pythonjsonlogger.json import JsonFormatter
+from pythonjsonlogger.orjson import OrjsonFormatter
 
 LEVELS = {"debug": "DEBUG", "info": "INFO", "warn": "WARNING", "warning": "WARNING", "error": "ERROR"}
 
@@ -127,8 +127,8 @@ SECRET_HEADERS = frozenset(
 )
 
 
-class MaskingJsonFormatter(JsonFormatter):
-    """JsonFormatter whose finished line is passed through the key-shaped mask as a last net.
+class MaskingJsonFormatter(OrjsonFormatter):
+    """python-json-logger's orjson formatter (the stdlib encoder cost a quarter of the line), whose finished line is passed through the key-shaped mask as a last net.
 
     Records flagged ``premasked`` (the access lines, whose free-text fields were each masked when
     the record was built) skip the net: on a 4 KiB line it would cost more than the request."""

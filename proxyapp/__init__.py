@@ -12,7 +12,7 @@ from proxyapp.metrics import WorkerMetrics
 from proxyapp.routing import make_router
 from proxyapp.table_store import LimitSettings, TableStore
 from proxyapp.upstream import UpstreamClient, make_tls_context
-from proxyapp.views import register
+from proxyapp.views import ProxyFirst, register
 
 
 def create_app(
@@ -39,6 +39,7 @@ def create_app(
     app.extensions["proxy.metrics"] = metrics
     app.extensions["proxy.limiter"] = limiter
     register(app, forwarder, table_store, config.sync_interval_minutes, metrics)
+    app.wsgi_app = ProxyFirst(forwarder, app.wsgi_app)
     return app
 
 
