@@ -128,7 +128,8 @@ SECRET_HEADERS = frozenset(
 
 
 class MaskingJsonFormatter(OrjsonFormatter):
-    """python-json-logger's orjson formatter (the stdlib encoder cost a quarter of the line), whose finished line is passed through the key-shaped mask as a last net.
+    """python-json-logger's orjson formatter (the stdlib encoder cost a quarter of the line), whose
+    finished line is passed through the key-shaped mask as a last net.
 
     Records flagged ``premasked`` (the access lines, whose free-text fields were each masked when
     the record was built) skip the net: on a 4 KiB line it would cost more than the request."""
