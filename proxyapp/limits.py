@@ -447,12 +447,23 @@ class Limiter:
             return
         self.down_since = self._last_probe = time.monotonic()
         self.outages_total += 1
+        self._drop_connections()
+        self._wake.set()  # the background loop switches to probing now, not at its next renewal
         log.error(
             "limits: Redis unreachable; serving without per-token limits until it answers again",
             extra={"event": "limits_redis_down", "url": self.shown_url, "error": _describe(exc)},
         )
 
+    def _drop_connections(self) -> None:
+        """Close every connection that lived through an outage: one of them used after Redis came
+        back would fail (a broken pipe) and start a new outage for each."""
+        idle, self._idle = self._idle, []
+        for connection in idle:
+            connection.disconnect()
+        self.client.connection_pool.disconnect()
+
     def _came_back(self) -> None:
+        self._drop_connections()
         started, self.down_since = self.down_since, None
         log.info(
             "limits: Redis answers again; per-token limits enforced",
