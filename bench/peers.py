@@ -3,7 +3,7 @@
 Peers, in the order every run visits them:
   a  direct        the fake upstream hit directly: the limit
   b  Go reference  bench/peers/refproxy.go (httputil.ReverseProxy, FlushInterval -1)
-  c  proxy, 1 w.   ``python wsgi.py``
+  c  proxy, 1 w.   ``python wsgi.py`` (c+: the same with per-token limits on, scenario small-limits)
   d  proxy, 2 w.   ``bash scripts/run`` (supervisord, PROXY_WORKERS=2, syncer + fake backend)
 """
 
@@ -65,6 +65,19 @@ def request(
 ) -> int:
     """One request on a new connection (HTTPS trusting ``ca`` when given); the status, or 0 when it
     could not be made."""
+    return exchange(port, method, path, token, body, timeout, ca)[0]
+
+
+def exchange(
+    port: int,
+    method: str,
+    path: str,
+    token: str | None = None,
+    body: bytes | None = None,
+    timeout: float = 2.0,
+    ca: Path | None = None,
+) -> tuple[int, dict[str, str]]:
+    """``request``, also giving the response's headers (names in lower case; {} when none came)."""
     if ca is None:
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     else:
@@ -77,9 +90,9 @@ def request(
         conn.request(method, path, body=body, headers=headers)
         response = conn.getresponse()
         response.read()
-        return response.status
+        return response.status, {name.lower(): value for name, value in response.getheaders()}
     except (OSError, http.client.HTTPException):
-        return 0
+        return 0, {}
     finally:
         conn.close()
 
@@ -259,6 +272,59 @@ class Upstream:
         self.proc.stop()
 
 
+# ---------------------------------------------------------------------------- redis
+
+
+class RedisServer:
+    """A redis-server for the per-token limits (scenario small-limits): a unix socket in the work
+    directory (no TCP port), no persistence, pinned to the load side's CPU like the fake upstream."""
+
+    def __init__(self, binary: str, layout: Layout, workdir: Path) -> None:
+        import redis  # a dependency of the proxy (requirements.txt), so in the venv
+
+        self.socket = workdir / "r.sock"
+        self.url = f"unix://{self.socket}"  # LIMITS_REDIS_URL
+        args = [
+            *layout.prefix(layout.load),
+            binary,
+            "--port",
+            "0",
+            "--unixsocket",
+            str(self.socket),
+            "--unixsocketperm",
+            "700",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(workdir),
+        ]
+        self._errors = (redis.RedisError, OSError)
+        self.client = redis.Redis(unix_socket_path=str(self.socket), socket_timeout=5)
+        self.proc = Proc(args, base_env(), workdir / "redis.log")
+        self.pid = self.proc.pid
+        try:
+            wait_until(self._answers, 15, "redis-server", self.proc)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _answers(self) -> bool:
+        try:
+            return bool(self.client.ping())
+        except self._errors:
+            return False
+
+    def evalsha_calls(self) -> int:
+        """EVALSHA calls since start (INFO commandstats): the limiter's one round trip per request."""
+        return int(self.client.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0))
+
+    def stop(self) -> None:
+        self.client.close()
+        self.proc.stop()
+
+
 # ---------------------------------------------------------------------------- peers
 
 
@@ -397,11 +463,19 @@ class ProxyOneWorker(Peer):
     key, name, label = "c", "proxy1", "proxy, 1 worker"
 
     def __init__(
-        self, layout: Layout, workdir: Path, tables: Tables, table_size: int, tls: TlsFiles | None = None
+        self,
+        layout: Layout,
+        workdir: Path,
+        tables: Tables,
+        table_size: int,
+        tls: TlsFiles | None = None,
+        extra_env: dict[str, str] | None = None,
+        label: str = "",
     ) -> None:
         super().__init__()
+        self.label = label or self.label
         self.port = free_port()
-        home = workdir / "proxy1"
+        home = workdir / self.name
         home.mkdir(mode=0o700)
         self.table_path = home / "tokens.json"
         tables.write(self.table_path, table_size)
@@ -411,11 +485,45 @@ class ProxyOneWorker(Peer):
             LOG_LEVEL="info",
             GRACEFUL_TIMEOUT="5",
             **ca_env(tls),
+            **(extra_env or {}),
         )
-        self.proc = Proc([*layout.prefix(layout.proxy_1w), PYTHON, "wsgi.py"], env, workdir / "proxy1.log")
+        log_path = workdir / f"{self.name}.log"
+        self.proc = Proc([*layout.prefix(layout.proxy_1w), PYTHON, "wsgi.py"], env, log_path)
         with self.stopped_on_error():
             wait_until(lambda: request(self.port, "GET", "/_proxy/readyz") == 200, 30, self.label, self.proc)
             self.check_serves()
+
+    def limit_header(self) -> str | None:
+        """x-ratelimit-limit-requests of one request (None: absent, i.e. no limit applied)."""
+        status, headers = exchange(self.port, "POST", self.chat_path, BENCH_TOKEN, CHAT_BODY, timeout=10)
+        if status != 200:
+            raise RuntimeError(f"{self.label}: a test request got {status or 'no answer'}, not 200")
+        return headers.get("x-ratelimit-limit-requests")
+
+
+class ProxyOneWorkerLimits(ProxyOneWorker):
+    """``python wsgi.py`` with default per-token limits (TOKEN_MAX_CONCURRENCY, TOKEN_RPM) so high
+    that nothing is ever refused, counted in ``redis`` (LIMITS_REDIS_URL): the limiter's cost."""
+
+    key, name, label = "c+", "proxy1-limits", "proxy, 1 worker, limits on"
+
+    def __init__(
+        self,
+        layout: Layout,
+        workdir: Path,
+        tables: Tables,
+        table_size: int,
+        redis: RedisServer,
+        max_concurrency: int,
+        rpm: int,
+    ) -> None:
+        self.redis = redis
+        limits = {
+            "TOKEN_MAX_CONCURRENCY": str(max_concurrency),
+            "TOKEN_RPM": str(rpm),
+            "LIMITS_REDIS_URL": redis.url,
+        }
+        super().__init__(layout, workdir, tables, table_size, extra_env=limits)
 
 
 class ProxySupervised(Peer):

@@ -13,6 +13,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 SCENARIOS = (
     "small",
     "small-tls",
+    "small-limits",
     "stream1000",
     "stream1000-tls",
     "stream300-tls",
@@ -24,16 +25,24 @@ SCENARIOS = (
 GO = "b"
 
 
+def ratio_key(base: str) -> str:
+    """Where a summary keeps the ratio to its base peer: the Go reference, or another (small-limits)."""
+    return "ratio_to_go" if base == GO else "ratio_to_base"
+
+
 @dataclass(frozen=True)
 class Figure:
     key: str  # the key in each run's dict
     label: str
     fmt: str = ",.1f"
-    ratio: bool = True  # show the ratio to the Go reference
+    ratio: bool = True  # show the ratio to the Go reference (or the result's ratio_base)
 
 
-def summarize(runs: dict[str, list[dict]], figures: list[Figure]) -> dict[str, dict[str, dict]]:
-    """{peer: {figure: {median, min, max, n, ratio_to_go}}} over the runs that have the figure."""
+def summarize(
+    runs: dict[str, list[dict]], figures: list[Figure], base: str = GO
+) -> dict[str, dict[str, dict]]:
+    """{peer: {figure: {median, min, max, n, ratio_to_go}}} over the runs that have the figure
+    (``base`` other than the Go reference: ratio_to_base, the ratio to that peer's median)."""
     out: dict[str, dict[str, dict]] = {}
     for peer, peer_runs in runs.items():
         out[peer] = {}
@@ -48,9 +57,9 @@ def summarize(runs: dict[str, list[dict]], figures: list[Figure]) -> dict[str, d
                 }
     for peer, figs in out.items():
         for key, stats in figs.items():
-            go = out.get(GO, {}).get(key)
-            if go and go["median"] > 0 and peer != GO:
-                stats["ratio_to_go"] = stats["median"] / go["median"]
+            ref = out.get(base, {}).get(key)
+            if ref and ref["median"] > 0 and peer != base:
+                stats[ratio_key(base)] = stats["median"] / ref["median"]
     return out
 
 
@@ -58,14 +67,14 @@ def _num(value: float, fmt: str) -> str:
     return format(value, fmt)
 
 
-def cell(stats: dict | None, fig: Figure, peer: str) -> str:
+def cell(stats: dict | None, fig: Figure, peer: str, base: str = GO) -> str:
     if not stats:
         return "–"
     text = _num(stats["median"], fig.fmt)
     if stats["n"] > 1 and stats["min"] != stats["max"]:
         text += f" [{_num(stats['min'], fig.fmt)}–{_num(stats['max'], fig.fmt)}]"
-    if fig.ratio and peer != GO and "ratio_to_go" in stats:
-        text += f" ×{stats['ratio_to_go']:.2f}"
+    if fig.ratio and peer != base and ratio_key(base) in stats:
+        text += f" ×{stats[ratio_key(base)]:.2f}"
     return text
 
 
@@ -111,6 +120,8 @@ def get(summary: dict, peer: str, key: str, what: str = "median") -> float | Non
 def markdown(result: dict, figures: list[Figure], targets: list[Target]) -> str:
     meta = result["meta"]
     peers = result["peers"]
+    base = result.get("ratio_base", GO)
+    base_label = "the Go reference" if base == GO else f"“{peers.get(base, base)}”"
     lines = [
         f"## {result['scenario']} — {result['title']}",
         "",
@@ -120,7 +131,7 @@ def markdown(result: dict, figures: list[Figure], targets: list[Target]) -> str:
         + ("; **quick run** (shorter loads: not for comparison)" if meta["quick"] else ""),
         f"{meta['pinning']}. Fake upstream: {meta['upstream']}.",
         f"Each figure: median of {meta['runs']} interleaved runs (peer order "
-        f"{', '.join(peers)} repeated) [min–max], ×ratio of the medians to the Go reference of this run.",
+        f"{', '.join(peers)} repeated) [min–max], ×ratio of the medians to {base_label} of this run.",
         "",
     ]
     lines += [f"- {note}" for note in result["setup"]] + [""]
@@ -132,7 +143,7 @@ def markdown(result: dict, figures: list[Figure], targets: list[Target]) -> str:
             continue
         lines.append(
             f"| {fig.label} | "
-            + " | ".join(cell(summary.get(p, {}).get(fig.key), fig, p) for p in peers)
+            + " | ".join(cell(summary.get(p, {}).get(fig.key), fig, p, base) for p in peers)
             + " |"
         )
     if result.get("extra_md"):

@@ -23,11 +23,13 @@ from bench.peers import (
     GoReference,
     Peer,
     ProxyOneWorker,
+    ProxyOneWorkerLimits,
     ProxySupervised,
+    RedisServer,
     Upstream,
     request,
 )
-from bench.report import Figure, Target, get, summarize
+from bench.report import GO, Figure, Target, get, summarize
 from bench.tables import BENCH_TOKEN, Tables, replace
 from bench.tlsca import TlsFiles
 from bench.tools import Layout, Toolbox, machine_facts, say
@@ -75,18 +77,26 @@ def run_pause(ctx: Context, pause: float) -> float:
     return max(pause, Upstream.IDLE_TIMEOUT_TLS + 1.0) if ctx.tls else pause
 
 
-def start_peers(ctx: Context, name: str, notes: list[str], keys: str = "abcd") -> dict[str, Peer]:
+def start_peers(
+    ctx: Context,
+    name: str,
+    notes: list[str],
+    keys: str = "abcd",
+    makers: dict[str, Callable[[Path], Peer]] | None = None,
+) -> dict[str, Peer]:
+    """``makers``: a scenario's own peers (key -> maker of the peer in a directory), instead of
+    a b c d; a key is run when its first letter is in ``keys`` and in --peers (c+ with c)."""
     home = ctx.workdir / name
     home.mkdir()
     peers: dict[str, Peer] = {}
-    makers = {
-        "a": lambda: Direct(ctx.upstream),
-        "b": lambda: GoReference(ctx.box, ctx.layout, home, ctx.tables, TABLE_SIZE, ctx.tls),
-        "c": lambda: ProxyOneWorker(ctx.layout, home, ctx.tables, TABLE_SIZE, ctx.tls),
-        "d": lambda: ProxySupervised(ctx.layout, home, ctx.tables, TABLE_SIZE, ctx.tls),
+    makers = makers or {
+        "a": lambda home: Direct(ctx.upstream),
+        "b": lambda home: GoReference(ctx.box, ctx.layout, home, ctx.tables, TABLE_SIZE, ctx.tls),
+        "c": lambda home: ProxyOneWorker(ctx.layout, home, ctx.tables, TABLE_SIZE, ctx.tls),
+        "d": lambda home: ProxySupervised(ctx.layout, home, ctx.tables, TABLE_SIZE, ctx.tls),
     }
-    for key, make in makers.items():
-        if key not in ctx.only or key not in keys:
+    for key, maker in makers.items():
+        if key[0] not in ctx.only or key[0] not in keys:
             continue
         if key == "b" and not ctx.box.have_go:
             notes.append(
@@ -96,7 +106,7 @@ def start_peers(ctx: Context, name: str, notes: list[str], keys: str = "abcd") -
             )
             continue
         try:
-            peers[key] = make()
+            peers[key] = maker(home)
             say(f"  started {peers[key].label} on 127.0.0.1:{peers[key].port}")
         except Exception as exc:  # one peer that cannot start must not sink the others
             lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
@@ -212,7 +222,9 @@ def result_dict(
     figures: list[Figure],
     setup: list[str],
     notes: list[str],
+    ratio_base: str = GO,
 ) -> dict:
+    """``ratio_base``: the peer the ratios are to (the Go reference unless said otherwise)."""
     return {
         "scenario": name,
         "title": title,
@@ -220,8 +232,9 @@ def result_dict(
         "peers": {key: peer.label for key, peer in peers.items()},
         "setup": setup,
         "runs": runs,
-        "summary": summarize(runs, figures),
+        "summary": summarize(runs, figures, ratio_base),
         "notes": notes,
+        **({"ratio_base": ratio_base} if ratio_base != GO else {}),
     }
 
 
@@ -282,20 +295,7 @@ def _small(ctx: Context, name: str) -> tuple[dict, list[Figure], list[Target]]:
             load.run_wrk(ctx.box, ctx.layout, peer.url, BENCH_TOKEN, 1, connections)
 
         def measure(peer: Peer, index: int, runs) -> dict:
-            meter = Meter(peer, notes, ctx.upstream)
-            res = load.run_wrk(ctx.box, ctx.layout, peer.url, BENCH_TOKEN, duration, connections)
-            used = meter.done()
-            load_side(res, used["upstream_cpu_s"], res["loadgen_cpu_s"], res["seconds"])
-            res["errors"] = res["non2xx"] + res["socket_errors"]
-            res["cpu_s"] = used["cpu_s"]
-            res["cpu_us_per_req"] = used["cpu_s"] / res["requests"] * 1e6 if res["requests"] else None
-            res["cpu_pct"] = used["cpu_s"] / res["seconds"] * 100 if res["seconds"] else None
-            say(
-                f"    {res['rps']:,.0f} req/s, p99 {res['p99_ms']:.2f} ms, "
-                f"CPU {res['cpu_us_per_req'] or 0:,.0f} µs/req,"
-                f" errors {res['errors']}"
-            )
-            return res
+            return wrk_run(ctx, peer, notes, duration, connections)[0]
 
         runs = interleave(ctx, peers, measure, notes, pause=run_pause(ctx, 0.5))
         saturation_notes(ctx, peers, runs, notes)
@@ -360,6 +360,168 @@ def _small(ctx: Context, name: str) -> tuple[dict, list[Figure], list[Target]]:
     notes += plain_vs_tls(ctx, name, s, "small", [("cpu_us_per_req", "CPU per request", "µs", ",.0f")])
     ctx.summaries[name] = s
     return result, SMALL_FIGURES, targets
+
+
+def wrk_run(
+    ctx: Context, peer: Peer, notes: list[str], duration: float, connections: int
+) -> tuple[dict, dict]:
+    """One wrk load (the `small` shape) with the peer's CPU over it: (figures, Meter's figures)."""
+    meter = Meter(peer, notes, ctx.upstream)
+    res = load.run_wrk(ctx.box, ctx.layout, peer.url, BENCH_TOKEN, duration, connections)
+    used = meter.done()
+    load_side(res, used["upstream_cpu_s"], res["loadgen_cpu_s"], res["seconds"])
+    res["errors"] = res["non2xx"] + res["socket_errors"]
+    res["cpu_s"] = used["cpu_s"]
+    res["cpu_us_per_req"] = used["cpu_s"] / res["requests"] * 1e6 if res["requests"] else None
+    res["cpu_pct"] = used["cpu_s"] / res["seconds"] * 100 if res["seconds"] else None
+    say(
+        f"    {res['rps']:,.0f} req/s, p99 {res['p99_ms']:.2f} ms, "
+        f"CPU {res['cpu_us_per_req'] or 0:,.0f} µs/req,"
+        f" errors {res['errors']}"
+    )
+    return res, used
+
+
+# ---------------------------------------------------------------------------- small-limits
+
+# High enough that nothing is ever refused (the config's bound is common.tokentable.MAX_LIMIT,
+# 10^9): the limiter does all its work (a lease and an admission per request), refuses nothing.
+LIMITS_CONCURRENCY = 100_000
+LIMITS_RPM = 100_000_000
+LIMITS_CPU_TARGET = 1.15  # issue 14: worker CPU per request, limits on / off
+
+SMALL_LIMITS_FIGURES = [
+    Figure("rps", "throughput (req/s)", ",.0f"),
+    Figure("p50_ms", "latency p50 (ms)", ",.2f"),
+    Figure("p99_ms", "latency p99 (ms)", ",.2f"),
+    Figure("cpu_us_per_req", "worker CPU per request (µs)", ",.0f"),
+    Figure("redis_cpu_us_per_req", "redis-server CPU per request (µs)", ",.1f", ratio=False),
+    Figure("total_cpu_us_per_req", "worker + redis-server CPU per request (µs)", ",.0f"),
+    Figure("cpu_pct", "worker CPU (% of one core)", ",.0f"),
+    Figure("evalsha_per_req", "Redis EVALSHA calls per request (limits on: ≈ 1.00)", ",.2f", ratio=False),
+    Figure("errors", "non-2xx + socket errors", ",.0f", ratio=False),
+    Figure(
+        "load_cpu_pct",
+        "load side CPU: fake upstream + wrk + redis-server (% of one core)",
+        ",.0f",
+        ratio=False,
+    ),
+]
+
+
+def small_limits(ctx: Context) -> tuple[dict, list[Figure], list[Target]]:
+    """Issue 14: the cost of the per-token limits: `small` against 1 worker, limits off and on."""
+    name = "small-limits"
+    duration = 3 if ctx.quick else 10
+    connections = 64
+    title = (
+        f"per-token limits off vs on (issue 14): the `small` load ({connections} keep-alive connections, "
+        f"{duration} s per run, wrk --latency) against 1 worker"
+    )
+    if ctx.box.wrk is None:
+        raise Skip("wrk not found: install with `apt-get install wrk`")
+    if ctx.box.redis_server is None:
+        raise Skip("redis-server not found: install with `apt-get install redis-server`")
+    if "c" not in ctx.only:
+        raise Skip("needs peer c (--peers)")
+    home = ctx.workdir / name
+    home.mkdir()
+    try:
+        redis = RedisServer(ctx.box.redis_server, ctx.layout, home)
+    except RuntimeError as exc:
+        raise Skip(f"redis-server did not start: {exc}") from None
+    say(f"  started redis-server (pid {redis.pid}) on {redis.socket}")
+    notes: list[str] = []
+    peers: dict[str, Peer] = {}
+    try:
+        peers = start_peers(
+            ctx,
+            f"{name}/peers",
+            notes,
+            keys="c",
+            makers={
+                "c": lambda home: ProxyOneWorker(
+                    ctx.layout, home, ctx.tables, TABLE_SIZE, label="proxy, 1 worker, limits off (as shipped)"
+                ),
+                "c+": lambda home: ProxyOneWorkerLimits(
+                    ctx.layout, home, ctx.tables, TABLE_SIZE, redis, LIMITS_CONCURRENCY, LIMITS_RPM
+                ),
+            },
+        )
+        for peer in peers.values():  # warm-up, not recorded: pools filled, code paths hot
+            load.run_wrk(ctx.box, ctx.layout, peer.url, BENCH_TOKEN, 1, connections)
+
+        def measure(peer: Peer, index: int, runs) -> dict:
+            # Before the load: limits on answers with the limit's header, limits off without.
+            header = peer.limit_header()
+            expected = str(LIMITS_RPM) if peer.key == "c+" else None
+            if header != expected:
+                raise RuntimeError(
+                    f"x-ratelimit-limit-requests before the load: {header!r}, expected {expected!r}: "
+                    + ("limits not enforced" if expected else "limits on where they should be off")
+                )
+            calls0, redis0 = redis.evalsha_calls(), cpu_of([redis.pid])
+            res, used = wrk_run(ctx, peer, notes, duration, connections)
+            redis_cpu, calls = cpu_of([redis.pid]) - redis0, redis.evalsha_calls() - calls0
+            load_side(res, used["upstream_cpu_s"] + redis_cpu, res["loadgen_cpu_s"], res["seconds"])
+            res["limit_header"] = header
+            res["redis_cpu_s"] = redis_cpu
+            if res["requests"]:
+                res["redis_cpu_us_per_req"] = redis_cpu / res["requests"] * 1e6
+                res["total_cpu_us_per_req"] = (used["cpu_s"] + redis_cpu) / res["requests"] * 1e6
+                res["evalsha_per_req"] = calls / res["requests"]
+            say(
+                f"    redis-server {res.get('redis_cpu_us_per_req') or 0:,.1f} µs/req, "
+                f"{res.get('evalsha_per_req') or 0:.2f} EVALSHA/req"
+            )
+            return res
+
+        runs = interleave(ctx, peers, measure, notes, pause=0.5)
+        saturation_notes(ctx, peers, runs, notes)
+    finally:
+        stop_peers(peers)
+        redis.stop()
+    setup = [
+        f"limits off: 1 worker as shipped (no limit, no LIMITS_REDIS_URL); limits on: the same with "
+        f"TOKEN_MAX_CONCURRENCY={LIMITS_CONCURRENCY:,} and TOKEN_RPM={LIMITS_RPM:,} (every token limited "
+        "by both, so high that nothing is refused: a lease and an admission per request, one EVALSHA round "
+        "trip, the release sent in the background), LIMITS_LEASE_SECONDS at its default (30 s)",
+        f"LIMITS_REDIS_URL=unix://<work dir>/{name}/r.sock: a redis-server started by the harness (no TCP "
+        "port, no persistence), "
+        + (
+            f"pinned to the load side's CPU {ctx.layout.describe(ctx.layout.load)} like the fake upstream"
+            if ctx.layout.pinned
+            else "not pinned"
+        )
+        + "; its CPU counts in the load side's",
+        "checked before each run: one request gets `x-ratelimit-limit-requests: "
+        f"{LIMITS_RPM}` from limits on and no such header from limits off (else the run fails); during "
+        "the load, non-2xx must stay 0 (nothing refused) and EVALSHA calls per request ≈ 1.00 (INFO "
+        "commandstats)",
+        "CPU = utime+stime from /proc/<pid>/stat over the run (worker; redis-server), divided by the "
+        f"requests; token table of {TABLE_SIZE:,} tokens; LOG_LEVEL=info",
+    ]
+    result = result_dict(name, title, ctx, peers, runs, SMALL_LIMITS_FIGURES, setup, notes, ratio_base="c")
+    s = result["summary"]
+    off_cpu, on_cpu = get(s, "c", "cpu_us_per_req"), get(s, "c+", "cpu_us_per_req")
+    on_errors = get(s, "c+", "errors", "max")
+    if on_errors:
+        notes.append(
+            f"limits on: {on_errors:,.0f} non-2xx/socket errors in a run: refused (429) or failed, "
+            "see the worker's log"
+        )
+    targets = [
+        Target(
+            f"limits on: worker CPU per request ≤ {LIMITS_CPU_TARGET:.2f}× limits off (µs) (issue 14)",
+            on_cpu,
+            LIMITS_CPU_TARGET * off_cpu if off_cpu else None,
+            "medians",
+            ",.0f",
+        ),
+        Target("limits on: 0 non-2xx + socket errors (nothing refused)", on_errors, 0, "worst run", ",.0f"),
+    ]
+    ctx.summaries[name] = s
+    return result, SMALL_LIMITS_FIGURES, targets
 
 
 def tls_setup(ctx: Context) -> list[str]:
@@ -1131,6 +1293,7 @@ def reload(ctx: Context) -> tuple[dict, list[Figure], list[Target]]:
 SCENARIOS = {
     "small": small,
     "small-tls": small_tls,
+    "small-limits": small_limits,
     "stream1000": stream1000,
     "stream1000-tls": stream1000_tls,
     "stream300-tls": stream300_tls,

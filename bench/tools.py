@@ -72,6 +72,7 @@ class Toolbox:
     wrk: str | None
     bins: dict[str, str] = field(default_factory=dict)
     build_error: str = ""
+    redis_server: str | None = None  # for small-limits only (no note when missing)
 
     @property
     def have_go(self) -> bool:
@@ -80,6 +81,7 @@ class Toolbox:
 
 def find_tools(workdir: Path, no_go: bool = False) -> Toolbox:
     box = Toolbox(go=None if no_go else shutil.which("go"), wrk=shutil.which("wrk"))
+    box.redis_server = shutil.which("redis-server") or shutil.which("redis-server", path="/usr/bin:/usr/sbin")
     missing = [name for name, path in (("go (golang-go)", box.go), ("wrk", box.wrk)) if path is None]
     if missing:
         say(
