@@ -132,31 +132,6 @@ class FakeConnectProxy:
     def clear(self) -> None:
         requests.delete(f"http://{self.address}/_fake/log", timeout=5).raise_for_status()
 
-    def records_of(self, request_id: str) -> list[dict]:
-        """The requests the fake received with this X-Request-ID (how a test finds its own)."""
-        return [
-            record
-            for record in self.requests()
-            if any(n.lower() == "x-request-id" and v == request_id for n, v in record["headers"])
-        ]
-
-    def connection(self, conn_id: int) -> dict | None:
-        return next((c for c in self.connections() if c["conn_id"] == conn_id), None)
-
-    def closed_connection_of(self, request_id: str, timeout: float) -> dict:
-        """The fake's record of the connection that carried ``request_id``, once it is closed."""
-
-        def find():
-            records = self.records_of(request_id)
-            if not records:
-                return None
-            conn = self.connection(records[0]["conn_id"])
-            return conn if conn is not None and conn["closed"] is not None else None
-
-        return wait_for(
-            find, timeout=timeout, interval=0.02, what=f"upstream connection of {request_id} closed"
-        )
-
 
 def start_connect_proxy(
     log_dir: Path, user: str | None = None, password: str | None = None
