@@ -94,6 +94,18 @@ class FakeUpstream:
         )
 
 
+def start_ready_fake(command: list[str], port: int, log_path: Path) -> Process:
+    """Start a fake server (tests/fakes/) and wait for its ``ready <port>`` line."""
+    process = Process(command, env={}, log_path=log_path)
+    try:
+        wait_for(lambda: f"ready {port}" in process.output() or not process.alive(), timeout=15)
+    except AssertionError:
+        process.stop()
+        raise
+    assert process.alive(), process.output()
+    return process
+
+
 def start_fake_upstream(
     log_dir: Path, cert: ServerCert | None = None, ca_file: Path | None = None, verify_control: bool = True
 ) -> FakeUpstream:
@@ -102,13 +114,7 @@ def start_fake_upstream(
     command = [PYTHON, "-m", "tests.fakes.upstream", "--port", str(port)]
     if cert is not None:
         command += ["--tls-cert", str(cert.cert_file), "--tls-key", str(cert.key_file)]
-    process = Process(command, env={}, log_path=log_dir / f"upstream-{port}.log")
-    try:
-        wait_for(lambda: f"ready {port}" in process.output() or not process.alive(), timeout=15)
-    except AssertionError:
-        process.stop()
-        raise
-    assert process.alive(), process.output()
+    process = start_ready_fake(command, port, log_dir / f"upstream-{port}.log")
     if cert is None:
         return FakeUpstream(process, port)
     return FakeUpstream(process, port, ca_file, verify_control)
@@ -140,13 +146,7 @@ def start_connect_proxy(
     command = [PYTHON, "-m", "tests.fakes.connect_proxy", "--port", str(port)]
     if user is not None:
         command += ["--user", user, "--password", password or ""]
-    process = Process(command, env={}, log_path=log_dir / f"connect-proxy-{port}.log")
-    try:
-        wait_for(lambda: f"ready {port}" in process.output() or not process.alive(), timeout=15)
-    except AssertionError:
-        process.stop()
-        raise
-    assert process.alive(), process.output()
+    process = start_ready_fake(command, port, log_dir / f"connect-proxy-{port}.log")
     return FakeConnectProxy(process, port)
 
 

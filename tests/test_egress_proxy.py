@@ -18,10 +18,10 @@ import pytest
 import requests
 
 from tests.conftest import start_connect_proxy, start_proxy
-from tests.support.chat import CHAT, TIMEOUT, leave_mid_stream, new_id, post_chat
-from tests.support.procs import PYTHON, REPO, Process, free_port, wait_for
+from tests.support.chat import CHAT, TIMEOUT, leave_and_wait_closed, new_id, post_chat
+from tests.support.procs import free_port, start_up_failure, wait_for
 from tests.support.rawhttp import read_response
-from tests.support.sse import StreamReader
+from tests.support.sse import read_stream
 from tests.support.tables import (
     CLIENT_TOKEN,
     OTHER_CLIENT_TOKEN,
@@ -216,11 +216,7 @@ def test_https_upstream_through_a_connect_tunnel_with_basic_auth(via_egress, egr
 
 
 def test_sse_through_the_tunnel_is_not_buffered(via_egress, https_upstream):
-    reader = StreamReader(via_egress.port, "sse;events=8;interval=0.15")
-    reader.start()
-    reader.join(TIMEOUT)
-    assert not reader.is_alive()
-    assert reader.complete(8), (reader.error, reader.status, reader.events[-2:], reader.clean_end)
+    reader = read_stream(via_egress.port, "sse;events=8;interval=0.15", 8)
     delays = reader.delays()
     print(f"SSE through the egress tunnel: max delay {max(delays) * 1000:.1f} ms")
     assert max(delays) < 0.5, [round(d, 3) for d in delays]
@@ -230,14 +226,9 @@ def test_sse_through_the_tunnel_is_not_buffered(via_egress, https_upstream):
 
 def test_client_leaving_closes_the_upstream_connection_through_the_tunnel(via_egress, https_upstream):
     request_id = new_id("egress")
-    left = leave_mid_stream(via_egress.port, request_id)
-    [record] = wait_for(lambda: https_upstream.records_of(request_id), timeout=5)
-
-    def closed():
-        conn = https_upstream.connection(record["conn_id"])
-        return conn if conn["closed"] is not None else None
-
-    conn = wait_for(closed, timeout=5, what="the tunnelled upstream connection to close")
+    conn, left = leave_and_wait_closed(
+        via_egress.port, https_upstream, request_id, "the tunnelled upstream connection to close"
+    )
     assert conn["closed_by"] == "client" and conn["peer_gone_during_response"] is True, conn
     assert conn["closed"] - left < 3.0
     assert via_egress.access_line(request_id)["end_reason"] == "client_gone"
@@ -304,21 +295,22 @@ def test_no_proxy_hosts_bypass_the_proxy(
         },
     )
     try:
-        start = len(egress.log())
-        first = new_id("egress")
-        assert post_chat(proxy, CLIENT_TOKEN, first).status_code == 200
-        assert len(https_upstream.records_of(first)) == 1
-        log = entries_since(egress, start)
-        expected = [("CONNECT", f"127.0.0.1:{https_upstream.port}")] if https_proxied else []
-        assert [(e["method"], e["target"]) for e in log] == expected, log
-
-        start = len(egress.log())
-        second = new_id("egress")
-        assert post_chat(proxy, OTHER_CLIENT_TOKEN, second).status_code == 200
-        assert len(upstream.records_of(second)) == 1
-        log = entries_since(egress, start)
-        expected = [("POST", f"http://localhost:{upstream.port}/v2{CHAT}")] if http_proxied else []
-        assert [(e["method"], e["target"]) for e in log] == expected, log
+        for token, fake, proxied, entry in [
+            (CLIENT_TOKEN, https_upstream, https_proxied, ("CONNECT", f"127.0.0.1:{https_upstream.port}")),
+            (
+                OTHER_CLIENT_TOKEN,
+                upstream,
+                http_proxied,
+                ("POST", f"http://localhost:{upstream.port}/v2{CHAT}"),
+            ),
+        ]:
+            start = len(egress.log())
+            request_id = new_id("egress")
+            assert post_chat(proxy, token, request_id).status_code == 200
+            assert len(fake.records_of(request_id)) == 1
+            log = entries_since(egress, start)
+            expected = [entry] if proxied else []
+            assert [(e["method"], e["target"]) for e in log] == expected, log
     finally:
         proxy.stop()
     assert PROXY_PASSWORD not in proxy.process.output()
@@ -433,19 +425,7 @@ def test_proxy_answering_407_gives_502(tmp_path_factory, egress, https_upstream,
     ids=["socks5-scheme", "bad-port"],  # not the values: they hold the password
 )
 def test_bad_upstream_proxy_stops_start_up_without_showing_the_password(tmp_path, value):
-    port = free_port()
-    env = {
-        "LISTEN_ADDR": f"127.0.0.1:{port}",
-        "TOKEN_FILE": str(tmp_path / "tokens.json"),
-        "HOME": str(tmp_path),
-        "UPSTREAM_PROXY": value,
-    }
-    process = Process([PYTHON, str(REPO / "wsgi.py")], env=env, log_path=tmp_path / "proxy-bad-egress.log")
-    try:
-        code = process.wait(timeout=15)
-    finally:
-        process.stop()
-    output = process.log_path.read_text(errors="replace")
+    code, output = start_up_failure(tmp_path, {"UPSTREAM_PROXY": value}, "proxy-bad-egress.log")
     assert code == 2, output
     assert "UPSTREAM_PROXY" in output, output
     assert PROXY_PASSWORD not in output, output

@@ -46,14 +46,7 @@ TOKEN = "sk-limits-canary-0a1b2c3d4e5f60718293"
 
 def gwait(predicate, timeout: float = 10.0, what: str = ""):
     """wait_for that sleeps through gevent, so the limiter's background greenlet runs meanwhile."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
-        gevent.sleep(0.02)
+    return wait_for(predicate, timeout, what=what, sleep=gevent.sleep)
 
 
 def token_limits(conc: int = 0, rpm: int = 0) -> TokenLimits:

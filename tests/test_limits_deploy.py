@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import redis
 
+from tests import test_deploy
 from tests.support.procs import REPO, wait_for
-from tests.support.tables import CLIENT_TOKEN
-from tests.test_deploy import PROGRAMS, Deployment, FakeBackend, backend_row
+from tests.test_deploy import PROGRAMS, Deployment
 
 pytestmark = pytest.mark.deploy
 
@@ -26,12 +26,8 @@ def logs_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("limits-deploy")
 
 
-@pytest.fixture(scope="module")
-def backend(logs_dir, upstream):
-    fake = FakeBackend(logs_dir)
-    fake.control.set(rows=[backend_row(CLIENT_TOKEN, 7, upstream.url + "/v1")])
-    yield fake
-    fake.stop()
+# test_deploy's module-scoped fake backend, here over this module's logs_dir
+backend = test_deploy.backend
 
 
 @pytest.fixture

@@ -189,6 +189,18 @@ def assert_access_refused(line: dict, limit: str) -> None:
     assert line["limit"] == limit
 
 
+def assert_concurrency_refused(dep, answers: list[Answer], logged: list[Answer], limit: str) -> dict:
+    """``answers`` are concurrency 429s saying Retry-After: 1; the access lines of ``logged`` all
+    say so (returned by request id)."""
+    for answer in answers:
+        assert_refused(answer, "token_concurrency_limit", limit)
+        assert answer.header("retry-after") == "1"
+    lines = dep.access_by_id([a.request_id for a in logged])
+    for line in lines.values():
+        assert_access_refused(line, "concurrency")
+    return lines
+
+
 def nothing_upstream(upstream, request_ids) -> None:
     wanted = set(request_ids)
     seen = [
@@ -354,12 +366,7 @@ class TestDefaults:
         while len(refused) < 20 or (answered_by != pids and len(refused) < 80):
             batch = [once(dep.port, CONC_TOKEN) for _ in range(20 if not refused else 5)]
             refused += batch
-            for answer in batch:
-                assert_refused(answer, "token_concurrency_limit", "2")
-                assert answer.header("retry-after") == "1"
-            lines = dep.access_by_id([a.request_id for a in refused])
-            for line in lines.values():
-                assert_access_refused(line, "concurrency")
+            lines = assert_concurrency_refused(dep, batch, refused, "2")
             answered_by = {line["pid"] for line in lines.values()}
         assert answered_by == pids, (answered_by, pids)
         nothing_upstream(upstream, [a.request_id for a in refused])
@@ -482,12 +489,7 @@ class TestRowsOnly:
         assert one.status == 200, one.body
         assert one.answer.ratelimit() == ("1", "0")
         refused = [once(dep.port, ONE_TOKEN) for _ in range(4)]
-        for answer in refused:
-            assert_refused(answer, "token_concurrency_limit", "1")
-            assert answer.header("retry-after") == "1"
-        lines = dep.access_by_id([a.request_id for a in refused])
-        for line in lines.values():
-            assert_access_refused(line, "concurrency")
+        assert_concurrency_refused(dep, refused, refused, "1")
         nothing_upstream(upstream, [a.request_id for a in refused])
         wait_metric(dep, "rate_limited_total", before + 4, limit="concurrency")
 

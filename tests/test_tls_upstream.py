@@ -19,10 +19,10 @@ import pytest
 import requests
 
 from tests.conftest import start_proxy
-from tests.support.chat import CHAT, TIMEOUT, leave_mid_stream, new_id, post_chat
-from tests.support.procs import PYTHON, REPO, Process, free_port, wait_for
+from tests.support.chat import CHAT, TIMEOUT, leave_and_wait_closed, new_id, post_chat
+from tests.support.procs import start_up_failure, wait_for
 from tests.support.rawhttp import read_response
-from tests.support.sse import StreamReader
+from tests.support.sse import read_stream
 from tests.support.tables import CLIENT_TOKEN, UPSTREAM_KEY, row, write_table
 
 BAD_TOKENS = {
@@ -210,11 +210,7 @@ def test_json_request_to_an_https_upstream_with_the_private_ca(tls_proxy, https_
 
 
 def test_sse_stream_from_an_https_upstream_is_not_buffered(tls_proxy, https_upstream):
-    reader = StreamReader(tls_proxy.port, "sse;events=10;interval=0.15")
-    reader.start()
-    reader.join(TIMEOUT)
-    assert not reader.is_alive()
-    assert reader.complete(10), (reader.error, reader.status, reader.events[-2:], reader.clean_end)
+    reader = read_stream(tls_proxy.port, "sse;events=10;interval=0.15", 10)
     delays = reader.delays()
     print(f"SSE over TLS: max delay {max(delays) * 1000:.1f} ms")
     assert len(delays) == 10
@@ -268,14 +264,9 @@ def test_pooled_tls_connection_closed_by_the_upstream_is_not_a_failure(tls_proxy
 
 def test_client_leaving_mid_stream_closes_the_tls_upstream_connection(tls_proxy, https_upstream):
     request_id = new_id()
-    left = leave_mid_stream(tls_proxy.port, request_id)
-    [record] = wait_for(lambda: https_upstream.records_of(request_id), timeout=5)
-
-    def closed():
-        conn = https_upstream.connection(record["conn_id"])
-        return conn if conn["closed"] is not None else None
-
-    conn = wait_for(closed, timeout=5, what="the TLS upstream connection to close")
+    conn, left = leave_and_wait_closed(
+        tls_proxy.port, https_upstream, request_id, "the TLS upstream connection to close"
+    )
     assert conn["tls"] is True
     assert conn["closed_by"] == "client" and conn["peer_gone_during_response"] is True, conn
     assert conn["closed"] - left < 3.0, f"closed {conn['closed'] - left:.2f}s after the client left"
@@ -331,19 +322,7 @@ def test_unusable_ca_bundle_stops_the_worker_at_start(tmp_path, problem):
     bundle = tmp_path / "ca-bundle.pem"
     if problem == "not a certificate":
         bundle.write_text("this is not a PEM certificate\n")
-    port = free_port()
-    env = {
-        "LISTEN_ADDR": f"127.0.0.1:{port}",
-        "TOKEN_FILE": str(tmp_path / "tokens.json"),
-        "HOME": str(tmp_path),
-        "UPSTREAM_CA_BUNDLE": str(bundle),
-    }
-    process = Process([PYTHON, str(REPO / "wsgi.py")], env=env, log_path=tmp_path / "proxy-ca-bundle.log")
-    try:
-        code = process.wait(timeout=15)
-    finally:
-        process.stop()
-    output = process.log_path.read_text(errors="replace")
+    code, output = start_up_failure(tmp_path, {"UPSTREAM_CA_BUNDLE": str(bundle)}, "proxy-ca-bundle.log")
     assert code == 2, output
     assert "UPSTREAM_CA_BUNDLE" in output, output
     assert str(bundle) in output, output

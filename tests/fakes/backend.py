@@ -72,6 +72,8 @@ import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from tests.fakes._common import add_server_args, tls_context
+
 LIST_PATH = "/api/tokens/with-model"
 LOGIN_PATH = "/api/auth/login"
 MODES = ("ok", "http500", "garbage", "truncated", "code_nonzero", "data_not_list", "hang", "empty", "drip")
@@ -506,18 +508,9 @@ class FakeBackendControl:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="fake backend admin API for tests")
-    parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--tls-cert", help="serve HTTPS with this certificate chain (PEM)")
-    parser.add_argument("--tls-key", help="private key of --tls-cert (PEM; default: in the chain file)")
+    add_server_args(parser)
     args = parser.parse_args(argv)
-    if args.tls_key and not args.tls_cert:
-        parser.error("--tls-key needs --tls-cert")
-    context = None
-    if args.tls_cert:
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.load_cert_chain(args.tls_cert, args.tls_key)
-    server = FakeBackendServer((args.host, args.port), context)
+    server = FakeBackendServer((args.host, args.port), tls_context(parser, args))
     try:
         server.serve_forever(poll_interval=0.1)
     except KeyboardInterrupt:

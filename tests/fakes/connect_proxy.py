@@ -34,13 +34,13 @@ import base64
 import binascii
 import hmac
 import json
-import os
-import signal
 import socket
 import sys
 import threading
 import time
 from urllib.parse import urlsplit
+
+from tests.fakes._common import add_server_args, listen
 
 MAX_HEAD = 1 << 16
 RECV_SIZE = 65536
@@ -419,19 +419,7 @@ class ProxyConnection:
 
 
 def serve(host: str, port: int, user: str | None, password: str | None) -> None:
-    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    listener.bind((host, port))
-    listener.listen(1024)
-    print(f"ready {listener.getsockname()[1]}", flush=True)
-
-    def stop(_signum, _frame):
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+    listener = listen(host, port, 1024)
     while True:
         try:
             client, _addr = listener.accept()
@@ -446,8 +434,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description="fake HTTP forward proxy (CONNECT + absolute-form) for tests"
     )
-    parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--host", default="127.0.0.1")
+    add_server_args(parser, tls=False)
     parser.add_argument("--user", help="require Proxy-Authorization: Basic for this user")
     parser.add_argument("--password", default="", help="the password of --user")
     args = parser.parse_args(argv)

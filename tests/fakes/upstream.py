@@ -70,9 +70,7 @@ import argparse
 import base64
 import errno
 import json
-import os
 import select
-import signal
 import socket
 import ssl
 import struct
@@ -83,6 +81,8 @@ import traceback
 import zlib
 from collections.abc import Sequence
 from http import HTTPStatus
+
+from tests.fakes._common import add_server_args, listen, tls_context
 
 MAX_HEAD = 1 << 20
 MAX_LINE = 1 << 16
@@ -895,26 +895,8 @@ def run_connection(sock: socket.socket, addr, context: ssl.SSLContext) -> None:
         Connection(tls_sock, addr).run()
 
 
-def server_context(cert_file: str, key_file: str | None) -> ssl.SSLContext:
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(cert_file, key_file)
-    return context
-
-
 def serve(host: str, port: int, context: ssl.SSLContext | None = None) -> None:
-    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    listener.bind((host, port))
-    listener.listen(4096)
-    print(f"ready {listener.getsockname()[1]}", flush=True)
-
-    def stop(_signum, _frame):
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+    listener = listen(host, port, 4096)
     threading.stack_size(512 * 1024)
     while True:
         try:
@@ -940,19 +922,13 @@ def serve(host: str, port: int, context: ssl.SSLContext | None = None) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Fake OpenAI-compatible upstream for tests")
-    parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--tls-cert", help="serve HTTPS with this certificate chain (PEM)")
-    parser.add_argument("--tls-key", help="private key of --tls-cert (PEM; default: in the chain file)")
+    add_server_args(parser)
     args = parser.parse_args(argv)
     if args.host == "localhost":
         args.host = "127.0.0.1"
     if not args.host.startswith("127."):
         parser.error("the fake upstream binds loopback (127.x.x.x) only")
-    if args.tls_key and not args.tls_cert:
-        parser.error("--tls-key needs --tls-cert")
-    context = server_context(args.tls_cert, args.tls_key) if args.tls_cert else None
-    serve(args.host, args.port, context)
+    serve(args.host, args.port, tls_context(parser, args))
 
 
 if __name__ == "__main__":

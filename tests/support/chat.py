@@ -10,6 +10,7 @@ import uuid
 
 import requests
 
+from tests.support.procs import wait_for
 from tests.support.tables import CLIENT_TOKEN
 
 CHAT = "/chat/completions"
@@ -51,3 +52,16 @@ def leave_mid_stream(port: int, request_id: str, token: str = CLIENT_TOKEN, even
     finally:
         sock.close()
     return time.time()
+
+
+def leave_and_wait_closed(port: int, upstream, request_id: str, what: str) -> tuple[dict, float]:
+    """Leave a stream mid-way (leave_mid_stream); wait for ``upstream`` to see its one connection
+    for it closed. The fake's record of that connection, and when the client left."""
+    left = leave_mid_stream(port, request_id)
+    [record] = wait_for(lambda: upstream.records_of(request_id), timeout=5)
+
+    def closed():
+        conn = upstream.connection(record["conn_id"])
+        return conn if conn["closed"] is not None else None
+
+    return wait_for(closed, timeout=5, what=what), left

@@ -27,8 +27,16 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_for(predicate: Callable[[], object], timeout: float = 10.0, interval: float = 0.02, what: str = ""):
-    """Poll until predicate() is truthy; return its value or raise AssertionError on timeout."""
+def wait_for(
+    predicate: Callable[[], object],
+    timeout: float = 10.0,
+    interval: float = 0.02,
+    what: str = "",
+    sleep: Callable[[float], object] = time.sleep,
+):
+    """Poll until predicate() is truthy; return its value or raise AssertionError on timeout.
+
+    ``sleep`` is how to wait between polls (gevent.sleep, to let greenlets run meanwhile)."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
@@ -36,7 +44,7 @@ def wait_for(predicate: Callable[[], object], timeout: float = 10.0, interval: f
             return value
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
-        time.sleep(interval)
+        sleep(interval)
 
 
 def port_open(port: int, host: str = "127.0.0.1") -> bool:
@@ -114,3 +122,20 @@ class Process:
             return None
 
         return wait_for(find, timeout=timeout, what=what or "a log line")
+
+
+def start_up_failure(tmp_path: Path, env: Mapping[str, str], log_name: str) -> tuple[int, str]:
+    """Start a proxy worker (wsgi.py) that is expected to refuse to start; its exit code and log."""
+    port = free_port()
+    env = {
+        "LISTEN_ADDR": f"127.0.0.1:{port}",
+        "TOKEN_FILE": str(tmp_path / "tokens.json"),
+        "HOME": str(tmp_path),
+        **env,
+    }
+    process = Process([PYTHON, str(REPO / "wsgi.py")], env=env, log_path=tmp_path / log_name)
+    try:
+        code = process.wait(timeout=15)
+    finally:
+        process.stop()
+    return code, process.log_path.read_text(errors="replace")

@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Iterable, Iterator
 
+from tests.support.chat import TIMEOUT
 from tests.support.rawhttp import CHAT, RawClient, new_id
 from tests.support.tables import CLIENT_TOKEN
 
@@ -114,3 +115,13 @@ class StreamReader(threading.Thread):
             and self.events[-1:] == ["[DONE]"]
             and self.clean_end
         )
+
+
+def read_stream(port: int, fake: str, events: int) -> StreamReader:
+    """Read one SSE stream through the proxy at ``port`` to its end; it must be complete."""
+    reader = StreamReader(port, fake)
+    reader.start()
+    reader.join(TIMEOUT)
+    assert not reader.is_alive()
+    assert reader.complete(events), (reader.error, reader.status, reader.events[-2:], reader.clean_end)
+    return reader
