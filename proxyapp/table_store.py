@@ -188,7 +188,17 @@ class TableStore:
         self._missing_logged = False
         if (self.current is not None and version == self.current.version) or version == self._rejected:
             return False
+        if self._being_written(version):
+            return False  # looked at again at the next poll, when the writer is done
         return self._load()
+
+    def _being_written(self, version: FileVersion) -> bool:
+        """A file rewritten in place (the inode we already know) whose last write is this recent
+        may still be half-written (truncated, then written): an operator's editor or ``cp``, not
+        the syncer's atomic replace, which always brings a new inode and is never delayed."""
+        known = (self.current.version if self.current is not None else None, self._rejected)
+        in_place = any(v is not None and (v.dev, v.ino) == (version.dev, version.ino) for v in known)
+        return in_place and time.time_ns() - version.mtime_ns < _IN_PLACE_QUIET_NS
 
     def _load(self) -> bool:
         started = time.monotonic()
@@ -298,6 +308,9 @@ class TableStore:
             self._changed.clear()
             if not self._changed.wait(quiet):
                 return
+
+
+_IN_PLACE_QUIET_NS = 50_000_000  # 50 ms without a write before an in-place edit is read
 
 
 def _pause() -> None:
