@@ -95,18 +95,25 @@ class Env:
             raise ConfigError(name, value, "no such file or directory")
         return os.path.abspath(value) if value else ""
 
-    def proxy_url(self, name: str) -> str:
-        """http://[user:password@]host:port, or "" when unset. Errors never repeat the password."""
+    def _url_with_secret(self, name: str):
+        """(value, value with the password shown as ***, its parts); ("", "", None) when unset."""
         value = self.raw(name, "")
         if not value:
-            return ""
+            return "", "", None
         shown = without_password(value)
         try:
             parts = urlsplit(value)
-            port = parts.port
+            parts.port  # noqa: B018 - raises ValueError on a bad port
         except ValueError:
             raise ConfigError(name, shown, "not a valid URL (bad port?)") from None
-        if parts.scheme != "http" or not parts.hostname or port is None:
+        return value, shown, parts
+
+    def proxy_url(self, name: str) -> str:
+        """http://[user:password@]host:port, or "" when unset. Errors never repeat the password."""
+        value, shown, parts = self._url_with_secret(name)
+        if not value:
+            return ""
+        if parts.scheme != "http" or not parts.hostname or parts.port is None:
             raise ConfigError(name, shown, "expected http://[user:password@]host:port")
         if parts.path not in ("", "/") or parts.query or parts.fragment:
             raise ConfigError(name, shown, "expected no path, query or fragment")
@@ -115,15 +122,9 @@ class Env:
     def redis_url(self, name: str) -> str:
         """redis://[user:password@]host[:port][/db], rediss://... (TLS) or unix:///path/to/socket,
         or "" when unset. Errors never repeat the password."""
-        value = self.raw(name, "")
+        value, shown, parts = self._url_with_secret(name)
         if not value:
             return ""
-        shown = without_password(value)
-        try:
-            parts = urlsplit(value)
-            parts.port  # noqa: B018 - raises ValueError on a bad port
-        except ValueError:
-            raise ConfigError(name, shown, "not a valid URL (bad port?)") from None
         if parts.scheme in ("redis", "rediss"):
             if not parts.hostname:
                 raise ConfigError(name, shown, "expected redis://host[:port][/db]")
