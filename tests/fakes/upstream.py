@@ -40,6 +40,10 @@ anything else ``json``. Options (unknown ones are ignored; a flag may also be wr
   short           Content-Length: 100 but 10 body bytes, then close
   trickle=S       json: body bytes one at a time, S seconds apart (one chunk per byte if chunked)
   idle_close=S    after this response, close the connection (FIN) if it stays idle S seconds
+  split=S         sse, chunked: every HTTP chunk (and the last-chunk) written in pieces cut inside
+                  its size line, its data and its closing CRLF, S seconds apart
+  chunkext        sse, chunked: a chunk extension on every size line ("1f;ext=1")
+  trailer         sse, chunked: a trailer field after the last-chunk ("X-Checksum: 1")
 
 Control API on the same port (never recorded, never counted):
   GET /_fake/health       200 "ok"
@@ -320,21 +324,27 @@ def completion_body(req_id: int, model: str, size: int) -> bytes:
 
 
 class SseEncoder:
-    """Frames SSE pieces for the wire: optional streaming gzip (sync flush per piece), optional chunks."""
+    """Frames SSE pieces for the wire: optional streaming gzip (sync flush per piece), optional chunks
+    (with a chunk extension on each size line, and a trailer field, when asked)."""
 
-    def __init__(self, chunked: bool, gz: bool):
+    def __init__(self, chunked: bool, gz: bool, ext: bool = False, trailer: bool = False):
         self.chunked = chunked
         self.z = zlib.compressobj(6, zlib.DEFLATED, 31) if gz else None
+        self.ext = b";ext=1" if ext else b""
+        self.trailer = b"X-Checksum: 1\r\n" if trailer else b""
+
+    def _chunk(self, data: bytes) -> bytes:
+        return b"%x%s\r\n%s\r\n" % (len(data), self.ext, data) if data else b""
 
     def piece(self, data: bytes) -> bytes:
         if self.z:
             data = self.z.compress(data) + self.z.flush(zlib.Z_SYNC_FLUSH)
-        return chunk(data) if self.chunked else data
+        return self._chunk(data) if self.chunked else data
 
     def end(self) -> bytes:
         tail = self.z.flush() if self.z else b""
         if self.chunked:
-            return chunk(tail) + b"0\r\n\r\n"
+            return self._chunk(tail) + b"0" + self.ext + b"\r\n" + self.trailer + b"\r\n"
         return tail
 
 
@@ -817,7 +827,8 @@ class Connection:
                 obj.update(choices=[choice], i=i, t_sent=t_sent)
             return b"data: " + json.dumps(obj).encode() + eol
 
-        encoder = SseEncoder(framing == "chunked", gz)
+        encoder = SseEncoder(framing == "chunked", gz, fake.flag("chunkext"), fake.flag("trailer"))
+        split = fake.num("split", 0.0) if framing == "chunked" else 0.0
         headers = [*fake.base_headers("text/event-stream"), ("Cache-Control", "no-cache")]
         if gz:
             headers.append(("Content-Encoding", "gzip"))
@@ -849,6 +860,10 @@ class Connection:
                 self.wait(0)  # notice a client that left
             if pieces is not None:
                 pending += pieces[k]
+            elif split:
+                self.send(pending)
+                pending = b""
+                self.send_cut(encoder.piece(payload(kind, i, time.time())), split)
             else:
                 pending += encoder.piece(payload(kind, i, time.time()))
         if fault is not None:
@@ -859,8 +874,25 @@ class Connection:
             else:
                 self.close_clean()
             raise ConnectionDone()
-        self.send(pending + (tail if pieces is not None else encoder.end()))
+        if split:
+            self.send(pending)
+            self.send_cut(encoder.end(), split)
+        else:
+            self.send(pending + (tail if pieces is not None else encoder.end()))
         return self._finish(close)
+
+    def send_cut(self, frame: bytes, pause: float) -> None:
+        """Send a chunk's framing in pieces cut after its first byte, inside its data (or trailer)
+        and between the CR and LF that end it, ``pause`` seconds apart."""
+        line_end = frame.find(b"\n") + 1
+        cuts = sorted({1, min(line_end + 2, len(frame) - 1), len(frame) - 1})
+        start = 0
+        for cut in [*cuts, len(frame)]:
+            if cut > start:
+                if start:
+                    self.wait(pause)
+                self.send(frame[start:cut])
+                start = cut
 
 
 def tls_handshake(sock: socket.socket, addr, context: ssl.SSLContext) -> ssl.SSLSocket | None:
