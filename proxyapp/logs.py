@@ -8,7 +8,7 @@ size of the token table.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from common.jsonlog import SECRET_HEADERS, mask_header_value, mask_text
@@ -16,15 +16,31 @@ from proxyapp.table_store import Route
 from proxyapp.usage import FIELDS as USAGE_FIELDS
 
 access_log = logging.getLogger("proxy.access")
+# Between header values: "&", which no mask pattern matches or lets a credential or value run
+# past, so every match ends before it as it would at the end of the value; then a NUL, which no
+# header value holds (the server refuses it; an upstream value with one takes the one-by-one path)
+# and at which no match can start, so the next value is seen as from its start.
+_SEPARATOR = "&\x00"
 
 
-def headers_for_log(headers: Iterable[tuple[str, str]], secrets: tuple[str, ...]) -> dict[str, str]:
+def headers_for_log(headers: Sequence[tuple[str, str]], secrets: tuple[str, ...]) -> dict[str, str]:
+    """The headers as a dict (repeated names joined with ", "), every value masked: credential
+    headers by their shape, all others by ``mask_text``, in one call over all the values (a dozen
+    calls cost ~15 µs a line) joined by a separator no value holds. A match that runs across a
+    separator ("WWW-Authenticate: Bearer", then the next value) changes the separator count, and
+    the values are then masked one by one, so that each is masked exactly as it would be alone."""
+    values = [value for _, value in headers]
+    joined = _SEPARATOR.join(values)
+    masked = mask_text(joined, secrets).split(_SEPARATOR) if joined.count("\x00") < len(values) else ()
+    if len(masked) != len(values):
+        masked = [mask_text(value, secrets) for value in values]
     logged: dict[str, str] = {}
-    for name, value in headers:
+    for (name, value), text in zip(headers, masked, strict=True):
         lower = name.lower()
-        masked = mask_header_value(lower, value) if lower in SECRET_HEADERS else mask_text(value, secrets)
+        if lower in SECRET_HEADERS:
+            text = mask_header_value(lower, value)
         previous = logged.get(name)
-        logged[name] = masked if previous is None else previous + ", " + masked
+        logged[name] = text if previous is None else previous + ", " + text
     return logged
 
 
@@ -41,10 +57,16 @@ def body_for_log(
     return mask_text(text, secrets), total > limit
 
 
+_PREMASKED = {"premasked": True}
+
+
 def log_access(record: dict[str, object]) -> None:
-    """Write the access line. Every free-text field of ``record`` must already be masked."""
-    record["premasked"] = True
-    access_log.info("request", extra=record)
+    """Write the access line. Every free-text field of ``record`` must already be masked.
+
+    The fields go as the message (a dict, which python-json-logger merges into the line), not as
+    ``extra``: extras are copied onto the LogRecord and sorted from its standard attributes
+    again by the formatter, ~20 µs of a ~70 µs line."""
+    access_log.info(record, extra=_PREMASKED)
 
 
 _NO_USAGE = dict.fromkeys(USAGE_FIELDS)
@@ -121,6 +143,7 @@ def write_access(record: AccessRecord, body_limit: int = 0) -> None:
     started = record.started
     log_access(
         {
+            "message": "request",
             "request_id": record.request_id,
             "method": record.method,
             "path": mask_text(record.path, secrets),

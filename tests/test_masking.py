@@ -5,12 +5,14 @@ from hypothesis import strategies as st
 
 from common.jsonlog import (
     _KEY_SHAPED,
+    SECRET_HEADERS,
     _mask_match,
     mask_header_value,
     mask_key_shaped,
     mask_secret,
     mask_text,
 )
+from proxyapp.logs import headers_for_log
 
 FRAGMENTS = [
     "sk-", "SK-", "pk-", "ak-", "k-", "eyJ", "eyJhbGciOi.", "Bearer ", "bearer\t", "api_key", "apikey",
@@ -25,6 +27,41 @@ FRAGMENTS = [
 def test_fast_masking_equals_the_reference_regex(text):
     # mask_key_shaped only tries the regex where a match can start; it must agree with a full scan.
     assert mask_key_shaped(text) == _KEY_SHAPED.sub(_mask_match, text)
+
+
+def reference_headers_for_log(headers, secrets):
+    """headers_for_log as it was: one mask call per value."""
+    logged = {}
+    for name, value in headers:
+        lower = name.lower()
+        masked = mask_header_value(lower, value) if lower in SECRET_HEADERS else mask_text(value, secrets)
+        logged[name] = masked if name not in logged else logged[name] + ", " + masked
+    return logged
+
+
+HEADER_NAMES = ["X-A", "X-B", "WWW-Authenticate", "Authorization", "Cookie", "x-a"]
+SECRET = "sk-client-0123456789abcdef"
+
+
+@settings(max_examples=2000, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(HEADER_NAMES),
+            st.lists(st.sampled_from([*FRAGMENTS, "\x00", "&", "&\x00", SECRET]), max_size=8).map("".join),
+        ),
+        max_size=8,
+    )
+)
+def test_header_values_masked_together_equal_each_masked_alone(headers):
+    # headers_for_log masks all the values in one call; a value must come out exactly as it
+    # would alone (no match may run from one value into the next: "WWW-Authenticate: Bearer").
+    assert headers_for_log(headers, (SECRET,)) == reference_headers_for_log(headers, (SECRET,))
+
+
+def test_a_bare_bearer_scheme_does_not_mask_the_next_header():
+    headers = [("WWW-Authenticate", "Bearer"), ("Content-Type", "application/json")]
+    assert headers_for_log(headers, ())["Content-Type"] == "application/json"
 
 
 def test_key_shaped_values_are_masked():
