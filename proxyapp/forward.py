@@ -57,6 +57,8 @@ class Forwarder:
         self.upstream = upstream
         self.limiter = limiter if limiter is not None else Limiter("")
         self.timeout = (config.upstream_connect_timeout, config.upstream_read_timeout)
+        # Built once: requests would build (and validate) one from the tuple for every request.
+        self.upstream_timeout = urllib3.Timeout(connect=self.timeout[0], read=self.timeout[1])
         self.total_timeout = config.upstream_total_timeout
         self.log_body_max = config.log_body_max_bytes
         self.max_body = config.max_body_bytes
@@ -163,7 +165,7 @@ class Exchange:
                 upstream.origin + target,
                 headers,
                 body if "Content-Length" in headers else None,
-                fw.timeout,
+                fw.upstream_timeout,
                 target,
                 upstream.origin,
             )

@@ -110,16 +110,17 @@ class _HTTPSConnection(HTTPSConnection):
         return self.sock is not None and _idle_socket_is_usable(self.sock)
 
 
-# The request target exactly as the client sent it (validated by the server layer). urllib3
-# re-encodes targets (a '%' not followed by two hex digits anywhere turns every '%' into '%25',
-# lower-case escapes are upper-cased): a proxy must forward them byte for byte. Set per request;
-# each greenlet has its own context.
-_RAW_TARGET: ContextVar[str | None] = ContextVar("raw_target", default=None)
+# What open_upstream knows of the request being sent: the request target exactly as the client
+# sent it (validated by the server layer), and the origin it goes to. urllib3 re-encodes targets
+# (a '%' not followed by two hex digits anywhere turns every '%' into '%25', lower-case escapes
+# are upper-cased): a proxy must forward them byte for byte. Set per request; each greenlet has
+# its own context.
+_SENDING: ContextVar[tuple[str | None, str]] = ContextVar("sending", default=(None, ""))
 
 
 class _RawTargetMixin:
     def _make_request(self, conn, method, url, *args, **kwargs):
-        raw = _RAW_TARGET.get()
+        raw = _SENDING.get()[0]
         return super()._make_request(conn, method, raw if raw is not None else url, *args, **kwargs)
 
 
@@ -159,6 +160,7 @@ class ProxyAdapter(HTTPAdapter):
 
     def __init__(self, tls_context: ssl.SSLContext, **kwargs) -> None:
         self.tls_context = tls_context  # read by init_poolmanager, which HTTPAdapter calls
+        self._pools: dict[str, HTTPConnectionPool] = {}
         super().__init__(**kwargs)
 
     def init_poolmanager(self, connections, maxsize, block=False, **pool_kwargs) -> None:
@@ -170,6 +172,26 @@ class ProxyAdapter(HTTPAdapter):
             manager = super().proxy_manager_for(proxy, ssl_context=self.tls_context, **proxy_kwargs)
             manager.pool_classes_by_scheme = _POOL_CLASSES
         return self.proxy_manager[proxy]
+
+    def get_connection_with_tls_context(self, request, verify, proxies=None, cert=None):
+        # requests' way costs ~25 µs a request: it parses the URL, builds the pool key attributes,
+        # and the pool manager normalises a key from them. Without an egress proxy, the pool of
+        # an origin is looked up that way once and kept; the manager stays its owner, and a pool
+        # it has closed (evicted for the pool_connections-th host) is looked up again.
+        origin = _SENDING.get()[1]
+        if proxies or not origin:
+            return super().get_connection_with_tls_context(request, verify, proxies, cert)
+        pool = self._pools.get(origin)
+        if pool is None or pool.pool is None:
+            if len(self._pools) >= _KEPT_POOLS:
+                self._pools.clear()
+            pool = self._pools[origin] = super().get_connection_with_tls_context(request, verify, None, cert)
+        return pool
+
+    def request_url(self, request, proxies) -> str:
+        # The request line is the raw target whenever open_upstream gave one (requests' answer,
+        # two URL parses, would be replaced by it in _RawTargetMixin anyway).
+        return _SENDING.get()[0] or super().request_url(request, proxies)
 
     def cert_verify(self, conn, url, verify, cert) -> None:
         # requests would set ca_certs on the pool here, and urllib3 would then load that bundle
@@ -189,6 +211,7 @@ class ProxyAdapter(HTTPAdapter):
 
 
 _POOL_CLASSES = {"http": _HTTPPool, "https": _HTTPSPool}
+_KEPT_POOLS = 256  # origins whose pool ProxyAdapter keeps at hand; the table has far fewer
 
 
 class UpstreamClient:
@@ -222,7 +245,7 @@ def open_upstream(
     url: str,
     headers: dict[str, str],
     body: bytes | None,
-    timeout: tuple[float, float],
+    timeout: tuple[float, float] | urllib3.Timeout,
     target: str | None = None,
     origin: str = "",
 ) -> requests.Response:
@@ -240,7 +263,7 @@ def open_upstream(
     proxies = egress.proxies_for(origin or url) if egress is not None else None
     if proxies is not None and target is not None and origin.startswith("http:"):
         target = origin + target  # a plain-HTTP request through a proxy names its origin
-    reset = _RAW_TARGET.set(target)
+    reset = _SENDING.set((target, origin))
     try:
         response = client.adapter.send(prepared, stream=True, timeout=timeout, proxies=proxies)
     except requests.ReadTimeout:
@@ -263,7 +286,7 @@ def open_upstream(
             502, "upstream_bad_response", "The upstream sent an invalid response.", _describe(exc)
         )
     finally:
-        _RAW_TARGET.reset(reset)
+        _SENDING.reset(reset)
     if proxies is not None and response.status_code == 407 and origin.startswith("http:"):
         response.raw.close()  # the proxy's own answer to an absolute-form request, not the upstream's
         raise _proxy_error(egress, "407 Proxy Authentication Required")
