@@ -22,6 +22,7 @@ from common.jsonlog import setup as setup_logging  # noqa: E402
 from proxyapp import create_app  # noqa: E402
 from proxyapp.config import ProxyConfig  # noqa: E402
 from proxyapp.logs import write_access  # noqa: E402
+from proxyapp.resolver import CachingResolver  # noqa: E402
 from proxyapp.server import ProxyServer, bind_listener  # noqa: E402
 
 log = logging.getLogger("proxy")
@@ -31,6 +32,7 @@ def build():
     """Config, logging, the app, and the first table load; the file watcher is started."""
     config = ProxyConfig.from_env()
     setup_logging(config.log_level, "proxy")
+    gevent.get_hub().resolver = CachingResolver(config.upstream_dns_cache_seconds)
     app = create_app(config)
     limiter = app.extensions["proxy.limiter"]
     # A few seconds for a Redis that supervisord starts beside us; still unreachable: serve

@@ -30,6 +30,7 @@ class ProxyConfig:
     upstream_read_timeout: float = 600.0
     upstream_total_timeout: float = 0.0
     upstream_pool_maxsize: int = 1000
+    upstream_dns_cache_seconds: float = 30.0
     upstream_ca_bundle: str = ""  # "" = certifi's bundle
     upstream_proxy: str = ""
     upstream_no_proxy: tuple[str, ...] = ()
@@ -85,6 +86,7 @@ class ProxyConfig:
             upstream_read_timeout=env.number("UPSTREAM_READ_TIMEOUT", 600.0, allow_zero=False),
             upstream_total_timeout=env.number("UPSTREAM_TOTAL_TIMEOUT", 0.0),
             upstream_pool_maxsize=env.integer("UPSTREAM_POOL_MAXSIZE", 1000, minimum=1),
+            upstream_dns_cache_seconds=env.number("UPSTREAM_DNS_CACHE_SECONDS", 30.0),
             upstream_ca_bundle=env.path("UPSTREAM_CA_BUNDLE"),
             upstream_proxy=env.proxy_url("UPSTREAM_PROXY"),
             upstream_no_proxy=env.csv("UPSTREAM_NO_PROXY"),

@@ -346,7 +346,12 @@ def test_unsupported_method_is_405_json_with_request_id(rp, upstream, method):
 
 @pytest.mark.parametrize(
     ("name", "value"),
-    [("SYNC_INTERVAL", "abc"), ("TARGET_URL", "example.com"), ("UPSTREAM_READ_TIMEOUT", "-1")],
+    [
+        ("SYNC_INTERVAL", "abc"),
+        ("TARGET_URL", "example.com"),
+        ("UPSTREAM_READ_TIMEOUT", "-1"),
+        ("UPSTREAM_DNS_CACHE_SECONDS", "soon"),
+    ],
 )
 def test_bad_configuration_exits_non_zero_naming_the_variable(tmp_path, name, value):
     port = free_port()
