@@ -465,6 +465,25 @@ class ProxyHandler(WSGIHandler):
             self.close_connection = True
         return write
 
+    def process_result(self) -> None:
+        # pywsgi's loop, with its per-chunk path (write, then _write: a bytearray built in three
+        # appends, then _sendall) cut to one formatting and one send once the headers are out.
+        # It runs once per forwarded SSE event.
+        sendall = self._sendall
+        for data in self.result:
+            if not data:
+                continue
+            if not self.headers_sent:
+                self.write(data)  # status line, headers and this first chunk in one send
+            elif self.response_use_chunked:
+                sendall(b"%x\r\n%b\r\n" % (len(data), data))
+            else:
+                sendall(data)
+        if self.status and not self.headers_sent:
+            self.write(b"")  # an empty body: the headers still go out
+        if self.response_use_chunked:
+            sendall(b"0\r\n\r\n")
+
     def _write_with_headers(self, data) -> None:
         # One send for the status line, headers and first chunk.
         self.headers_sent = True
