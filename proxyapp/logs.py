@@ -25,18 +25,21 @@ _SEPARATOR = "&\x00"
 
 def headers_for_log(headers: Sequence[tuple[str, str]], secrets: tuple[str, ...]) -> dict[str, str]:
     """The headers as a dict (repeated names joined with ", "), every value masked: credential
-    headers by their shape, all others by ``mask_text``, in one call over all the values (a dozen
-    calls cost ~15 µs a line) joined by a separator no value holds. A match that runs across a
+    headers by their shape, all others by ``mask_text``, in one call over all the values (one call
+    per value cost ~1 µs each) joined by a separator no value holds. A match that runs across a
     separator ("WWW-Authenticate: Bearer", then the next value) changes the separator count, and
     the values are then masked one by one, so that each is masked exactly as it would be alone."""
-    values = [value for _, value in headers]
+    lowers = [name.lower() for name, _ in headers]
+    # Credential headers are masked by their shape below; they stay out of the joined text.
+    values = [
+        "" if lower in SECRET_HEADERS else value for lower, (_, value) in zip(lowers, headers, strict=True)
+    ]
     joined = _SEPARATOR.join(values)
     masked = mask_text(joined, secrets).split(_SEPARATOR) if joined.count("\x00") < len(values) else ()
     if len(masked) != len(values):
         masked = [mask_text(value, secrets) for value in values]
     logged: dict[str, str] = {}
-    for (name, value), text in zip(headers, masked, strict=True):
-        lower = name.lower()
+    for (name, value), lower, text in zip(headers, lowers, masked, strict=True):
         if lower in SECRET_HEADERS:
             text = mask_header_value(lower, value)
         previous = logged.get(name)
@@ -64,8 +67,8 @@ def log_access(record: dict[str, object]) -> None:
     """Write the access line. Every free-text field of ``record`` must already be masked.
 
     The fields go as the message (a dict, which python-json-logger merges into the line), not as
-    ``extra``: extras are copied onto the LogRecord and sorted from its standard attributes
-    again by the formatter, ~20 µs of a ~70 µs line."""
+    ``extra``, which are copied onto the LogRecord and then sorted from its standard attributes
+    again by the formatter."""
     access_log.info(record, extra=_PREMASKED)
 
 
