@@ -400,9 +400,13 @@ def unchunked(read1: Callable[[int], bytes]) -> Iterator[bytes]:
     dropped, and no read is made after it. Raises ProtocolError on bad framing or an early end.
 
     urllib3's ``read_chunked`` costs a ``readline`` (and its buffer refill), two ``_safe_read``
-    calls and a decode check per HTTP chunk: ~30% of a worker's CPU on a stream of small SSE
-    events. Here one read takes what has arrived, and the framing is cut out of it with slices.
-    Several events that arrive together leave as one piece, so the client side costs one send."""
+    calls and a decode check per HTTP chunk (~16% of the worker's busy samples at 1,000 streams,
+    py-spy). Here one read takes what has arrived, and the framing is cut out of it with slices.
+    Several events that arrive together leave as one piece, so the client side costs one send.
+
+    As lenient as urllib3 with an upstream (chunk extensions, a missing last CRLF). The request
+    body's reader in proxyapp.server is not shared: a client is untrusted, so that one checks
+    every line strictly and bounds sizes, and it reads the whole body rather than streaming it."""
     state = _SIZE_LINE
     pending = b""  # the start of a size line, trailer line or chunk end cut by the read
     size = _READ_MIN
