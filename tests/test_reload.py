@@ -5,8 +5,10 @@ without stalling streams. The fixture polls the file every 0.1 s (TOKEN_FILE_POL
 from __future__ import annotations
 
 import datetime
+import gc
 import itertools
 import json
+import os
 import threading
 import time
 import uuid
@@ -135,6 +137,9 @@ def test_no_failed_request_across_100_reloads(proxy, upstream):
     assert not log_events(proxy, "table_rejected")
 
 
+EMPTY_FILE_REASON = "expected a JSON object"
+
+
 def test_bad_files_keep_the_last_good_table(proxy, upstream, auth):
     path = str(proxy.token_file)
     url = upstream.url + "/v1"
@@ -152,8 +157,20 @@ def test_bad_files_keep_the_last_good_table(proxy, upstream, auth):
 
     def plain(data: bytes):
         def write() -> None:
-            with open(path, "wb") as handle:  # an operator dropping a file in, not atomically
-                handle.write(data)
+            # An operator dropping a file in, not atomically: truncated, then written. The worker
+            # waits for 50 ms of quiet before reading a file rewritten in place; a pause of the
+            # test process longer than that between the two (a full GC of the suite's objects,
+            # the scheduler of a loaded 2-core CI machine) shows it the empty file, which is a
+            # bad version of its own. Keep the two syscalls close, and allow that one extra.
+            gc.disable()
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_TRUNC)
+                try:
+                    os.write(fd, data)
+                finally:
+                    os.close(fd)
+            finally:
+                gc.enable()
 
         return write
 
@@ -163,7 +180,8 @@ def test_bad_files_keep_the_last_good_table(proxy, upstream, auth):
         ("format 2, plain write", plain(format_2), "format"),
         ("ftp URL, atomic", atomic(ftp_row), "ftp://x"),
     ]
-    for n, (what, write, reason) in enumerate(bad_versions, 1):
+    logged = 0
+    for what, write, reason in bad_versions:
         write()
         deadline = time.monotonic() + 1.2  # >= 10 polls of the same bad version
         while time.monotonic() < deadline:
@@ -174,12 +192,15 @@ def test_bad_files_keep_the_last_good_table(proxy, upstream, auth):
         assert proxy.access_line(request_id)["token_id"] == 7, what  # still the old table
         assert post(proxy, OTHER_CLIENT_TOKEN).status_code == 401, what
         rejected = log_events(proxy, "table_rejected")
-        assert len(rejected) == n, (what, [r.get("reason") for r in rejected])
+        new = [r.get("reason") for r in rejected[logged:]]
+        # Each bad version is logged once, not once per poll; an in-place write may also have
+        # been seen half-way (the empty file, see plain()).
+        seen_half_way = len(new) == 2 and "plain" in what and new[0] == EMPTY_FILE_REASON
+        assert len(new) == 1 or seen_half_way, (what, new)
         assert rejected[-1]["level"] == "ERROR"
-        assert rejected[-1]["reason"] and reason in rejected[-1]["reason"], (what, rejected[-1]["reason"])
-    assert requests.get(proxy.url + "/_proxy/readyz", timeout=5).json()["reload_failures"] == len(
-        bad_versions
-    )
+        assert new[-1] and reason in new[-1], (what, new)
+        logged = len(rejected)
+    assert requests.get(proxy.url + "/_proxy/readyz", timeout=5).json()["reload_failures"] == logged
 
     # A good file is picked up again.
     write_table(path, {**new_rows, OTHER_CLIENT_TOKEN: row(url, UPSTREAM_KEY, token_id=12)})
@@ -189,7 +210,7 @@ def test_bad_files_keep_the_last_good_table(proxy, upstream, auth):
     request_id = new_id("r")
     assert post(proxy, CLIENT_TOKEN, request_id=request_id).status_code == 200
     assert proxy.access_line(request_id)["token_id"] == 11
-    assert len(log_events(proxy, "table_rejected")) == len(bad_versions)
+    assert len(log_events(proxy, "table_rejected")) == logged
 
 
 def test_start_with_a_corrupt_file_then_recover(proxy_factory, tmp_path, upstream, auth):
