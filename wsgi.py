@@ -9,6 +9,7 @@ from gevent import monkey
 monkey.patch_all()
 
 import dataclasses  # noqa: E402
+import gc  # noqa: E402
 import logging  # noqa: E402
 import resource  # noqa: E402
 import signal  # noqa: E402
@@ -65,6 +66,26 @@ def _connection_limit(wanted: int) -> int:
     return max(16, min(wanted, (soft - 64) // 2))
 
 
+# The collector's thresholds once the worker has started (CPython's default is 700, 10, 10).
+GC_THRESHOLDS = (10_000, 10, 10)
+
+
+def settle_heap() -> int:
+    """Keep the cyclic garbage collector's pauses out of the event stream.
+
+    With the defaults, at 1,000 concurrent streams the collector ran ~35 times a second, and its
+    full collections walked every object of the worker (start-up's included) for 50-60 ms, each
+    an event delay for every stream in flight (one worker, 1,000 streams of 50 events starting
+    over 2 s, gc.callbacks timing each collection). What start-up built (modules, the app, the first table)
+    lives as long as the worker: frozen, no collection walks it again (a table replaced later
+    is still freed, by reference counting). Young collections every 10,000 allocations instead
+    of 700 take ~4 ms at most, and full ones are rare."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
+    return gc.get_freeze_count()
+
+
 def main() -> int:
     try:
         config, app = build()
@@ -79,6 +100,7 @@ def main() -> int:
     max_connections = _connection_limit(config.max_client_connections)
     server_config = dataclasses.replace(config, max_client_connections=max_connections)
     server = ProxyServer(listener, app, config=server_config, on_rejected_request=write_access)
+    frozen = settle_heap()
     stop = Event()
     gevent.signal_handler(signal.SIGTERM, stop.set)
     gevent.signal_handler(signal.SIGINT, stop.set)
@@ -90,6 +112,8 @@ def main() -> int:
             "address": f"{config.listen_host}:{listener.getsockname()[1]}",
             "token_routing": config.enable_token_routing,
             "max_connections": max_connections,
+            "gc_frozen_objects": frozen,
+            "gc_thresholds": gc.get_threshold(),
             "upstream_ca_bundle": config.upstream_ca_bundle or "certifi",
             "upstream_proxy": without_password(config.upstream_proxy) or None,
             "upstream_no_proxy": ",".join(config.upstream_no_proxy) or None,

@@ -242,3 +242,15 @@ def test_client_that_never_reads_is_dropped(proxy_factory, default_rows, upstrea
     assert declared >= 50_000_000
     assert len(body) < declared
     assert access["response_size_bytes"] < declared
+
+
+def test_worker_freezes_its_start_up_heap(proxy, auth):
+    # What start-up built is frozen before the first request, so no collection walks it again
+    # (wsgi.settle_heap); the listening line says how much and with which thresholds.
+    listening = proxy.process.wait_for_log(
+        lambda r: r.get("event") == "listening", timeout=10, what="listening"
+    )
+    assert listening["gc_thresholds"] == [10_000, 10, 10]
+    assert listening["gc_frozen_objects"] > 10_000  # modules, the app, the table: tens of thousands
+    response = requests.post(proxy.url + CHAT, data=BODY, headers=auth, timeout=10)
+    assert response.status_code == 200, response.text
