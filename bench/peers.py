@@ -471,7 +471,10 @@ class ProxyOneWorker(Peer):
         tls: TlsFiles | None = None,
         extra_env: dict[str, str] | None = None,
         label: str = "",
+        repo: Path = REPO,
     ) -> None:
+        """``repo``: the checkout whose wsgi.py runs (another one's for an A/B, see bench/ab.py),
+        with that checkout's .venv when it has one."""
         super().__init__()
         self.label = label or self.label
         self.port = free_port()
@@ -488,7 +491,13 @@ class ProxyOneWorker(Peer):
             **(extra_env or {}),
         )
         log_path = workdir / f"{self.name}.log"
-        self.proc = Proc([*layout.prefix(layout.proxy_1w), PYTHON, "wsgi.py"], env, log_path)
+        python = repo / ".venv" / "bin" / "python"
+        self.proc = Proc(
+            [*layout.prefix(layout.proxy_1w), str(python) if python.exists() else PYTHON, "wsgi.py"],
+            env,
+            log_path,
+            cwd=repo,
+        )
         with self.stopped_on_error():
             wait_until(lambda: request(self.port, "GET", "/_proxy/readyz") == 200, 30, self.label, self.proc)
             self.check_serves()
