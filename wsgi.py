@@ -75,11 +75,12 @@ def settle_heap() -> int:
 
     With the defaults, at 1,000 concurrent streams the collector ran ~35 times a second, and its
     full collections walked every object of the worker (start-up's included) for 50-60 ms, each
-    an event delay for every stream in flight (one worker, 1,000 streams of 50 events starting
-    over 2 s, gc.callbacks timing each collection). What start-up built (modules, the app, the first table)
-    lives as long as the worker: frozen, no collection walks it again (a table replaced later
-    is still freed, by reference counting). Young collections every 10,000 allocations instead
-    of 700 take ~4 ms at most, and full ones are rare."""
+    an event delay for every stream in flight (gc.callbacks timing each collection). What
+    start-up built (modules, the app, the first table) lives as long as the worker: frozen, no
+    collection walks it again; a table replaced later is still freed, by reference counting.
+    Not frozen again after a reload: the objects of requests in flight would be frozen with the
+    new table, and a reference cycle among them would never be collected. Young collections
+    every 10,000 allocations instead of 700 take ~4 ms at most, and full ones are rare."""
     gc.collect()
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLDS)

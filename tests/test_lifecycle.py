@@ -250,7 +250,7 @@ def test_worker_freezes_its_start_up_heap(proxy, auth):
     listening = proxy.process.wait_for_log(
         lambda r: r.get("event") == "listening", timeout=10, what="listening"
     )
-    assert listening["gc_thresholds"] == [10_000, 10, 10]
+    assert listening["gc_thresholds"] == [10_000, 10, 10]  # wsgi.GC_THRESHOLDS (importing wsgi patches)
     assert listening["gc_frozen_objects"] > 10_000  # modules, the app, the table: tens of thousands
     response = requests.post(proxy.url + CHAT, data=BODY, headers=auth, timeout=10)
     assert response.status_code == 200, response.text
