@@ -14,6 +14,7 @@ import logging  # noqa: E402
 import resource  # noqa: E402
 import signal  # noqa: E402
 import sys  # noqa: E402
+import time  # noqa: E402
 
 import gevent  # noqa: E402
 from gevent.event import Event  # noqa: E402
@@ -23,16 +24,23 @@ from common.jsonlog import setup as setup_logging  # noqa: E402
 from proxyapp import create_app  # noqa: E402
 from proxyapp.config import ProxyConfig  # noqa: E402
 from proxyapp.logs import write_access  # noqa: E402
+from proxyapp.logwriter import BufferedHandler, LogWriter  # noqa: E402
+from proxyapp.logwriter import install as install_log_writer  # noqa: E402
 from proxyapp.resolver import CachingResolver  # noqa: E402
 from proxyapp.server import ProxyServer, bind_listener  # noqa: E402
 
 log = logging.getLogger("proxy")
 
 
-def build():
-    """Config, logging, the app, and the first table load; the file watcher is started."""
-    config = ProxyConfig.from_env()
-    setup_logging(config.log_level, "proxy")
+def build(config: ProxyConfig | None = None, log_writer: LogWriter | None = None):
+    """Config, logging, the app, and the first table load; the file watcher is started.
+
+    ``log_writer``: the worker's buffered log writer (``main``); without it (another WSGI server
+    imports ``application``) lines are written straight to stdout."""
+    if config is None:
+        config = ProxyConfig.from_env()
+    handler = BufferedHandler(log_writer) if log_writer is not None else None
+    setup_logging(config.log_level, "proxy", handler=handler)
     gevent.get_hub().resolver = CachingResolver(config.upstream_dns_cache_seconds)
     app = create_app(config)
     limiter = app.extensions["proxy.limiter"]
@@ -49,7 +57,10 @@ def build():
                 extra={"event": "table_not_loaded", "path": store.path},
             )
         store.start_watching()
-    app.extensions["proxy.metrics"].start_refresher()
+    metrics = app.extensions["proxy.metrics"]
+    if log_writer is not None:
+        metrics.count_log_drops(log_writer)
+    metrics.start_refresher()
     return config, app
 
 
@@ -89,10 +100,21 @@ def settle_heap() -> int:
 
 def main() -> int:
     try:
-        config, app = build()
-    except ConfigError as exc:
+        config = ProxyConfig.from_env()
+        # From here every line (stderr's too) goes through the buffer; whatever way serve() ends,
+        # what it logged is written before the process exits (a clean stop has flushed already).
+        log_writer = install_log_writer(config.log_buffer_bytes)
+        try:
+            return serve(config, log_writer)
+        finally:
+            log_writer.flush(timeout=5.0)
+    except ConfigError as exc:  # a setting read at start-up (the CA bundle, Redis...) included
         print(f"proxy: configuration error: {exc}", file=sys.stderr)
         return 2
+
+
+def serve(config: ProxyConfig, log_writer: LogWriter) -> int:
+    config, app = build(config, log_writer)
     try:
         listener = bind_listener(config.listen_host, config.listen_port)
     except OSError as exc:
@@ -121,6 +143,7 @@ def main() -> int:
         },
     )
     stop.wait()
+    deadline = time.monotonic() + config.graceful_timeout
     in_flight = len(server.connection_pool)
     log.info(
         "draining",
@@ -134,6 +157,8 @@ def main() -> int:
     except OSError:
         pass
     log.info("stopped", extra={"event": "stopped", "drained": drained})
+    # The lines still buffered get what is left of the grace (supervisord waits 10 s beyond it).
+    log_writer.flush(max(1.0, deadline - time.monotonic()))
     return 0
 
 

@@ -141,15 +141,17 @@ class MaskingJsonFormatter(OrjsonFormatter):
         return mask_key_shaped(line)
 
 
-def setup(level: str, service: str, stream=None) -> logging.Logger:
-    """Route the root logger to one JSON line per record on stdout; return the service logger."""
+def setup(level: str, service: str, stream=None, handler: logging.Handler | None = None) -> logging.Logger:
+    """Route the root logger to one JSON line per record on stdout (or through ``handler``: the
+    worker's buffered writer); return the service logger."""
     # The logging HOWTO's "Optimization": no caller lookup (a stack walk per record), no thread
     # or process names; none of them is in our lines, and the worker logs once per request.
     logging._srcfile = None
     logging.logThreads = False
     logging.logProcesses = False
     logging.logMultiprocessing = False
-    handler = logging.StreamHandler(stream if stream is not None else sys.stdout)
+    if handler is None:
+        handler = logging.StreamHandler(stream if stream is not None else sys.stdout)
     handler.setFormatter(
         MaskingJsonFormatter(
             "%(levelname)s %(name)s %(message)s",

@@ -11,6 +11,7 @@ from common.jsonlog import LEVELS
 from common.tokentable import MAX_LIMIT
 
 MIB = 1024 * 1024
+MIN_LOG_BUFFER_BYTES = 64 * 1024  # a pipe's worth; below it a burst of access lines is dropped
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,6 +27,7 @@ class ProxyConfig:
     required_auth_tokens: tuple[str, ...] = ()
     log_level: str = "info"
     log_body_max_bytes: int = 4096
+    log_buffer_bytes: int = 64 * MIB  # 30 s of a stalled log reader at 1,000 lines/s of 2 KB
     upstream_connect_timeout: float = 10.0
     upstream_read_timeout: float = 600.0
     upstream_total_timeout: float = 0.0
@@ -82,6 +84,7 @@ class ProxyConfig:
             required_auth_tokens=env.csv("REQUIRED_AUTH_TOKENS"),
             log_level=env.choice("LOG_LEVEL", "info", {k: k for k in LEVELS}),
             log_body_max_bytes=env.integer("LOG_BODY_MAX_BYTES", 4096),
+            log_buffer_bytes=env.integer("LOG_BUFFER_BYTES", 64 * MIB, minimum=MIN_LOG_BUFFER_BYTES),
             upstream_connect_timeout=env.number("UPSTREAM_CONNECT_TIMEOUT", 10.0, allow_zero=False),
             upstream_read_timeout=env.number("UPSTREAM_READ_TIMEOUT", 600.0, allow_zero=False),
             upstream_total_timeout=env.number("UPSTREAM_TOTAL_TIMEOUT", 0.0),

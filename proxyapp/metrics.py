@@ -255,6 +255,11 @@ class WorkerMetrics:
             setattr(self, attribute, Gauge(name, help_text, registry=None, multiprocess_mode="livesum"))
         self.workers.set(1)
         self._streams = 0
+        self.log_lines_dropped_total = Counter(
+            "llmproxy_log_lines_dropped_total",
+            "Log lines dropped because the worker's log buffer was full (LOG_BUFFER_BYTES).",
+            registry=None,
+        )
         if store is not None:
             for attribute, name, help_text in _TABLE_GAUGES:
                 setattr(self, attribute, Gauge(name, help_text, registry=None, multiprocess_mode="livemax"))
@@ -398,6 +403,12 @@ class WorkerMetrics:
         """The exposition text of the whole deployment (this worker's sampled gauges fresh)."""
         self.refresh()
         return generate_latest(self.registry)
+
+    def count_log_drops(self, writer) -> None:
+        """Count the lines ``writer`` (proxyapp.logwriter.LogWriter) drops, those before now too."""
+        if writer.dropped_total:
+            self.log_lines_dropped_total.inc(writer.dropped_total)
+        writer.on_drop = self.log_lines_dropped_total.inc
 
     def close(self) -> None:
         """On a normal exit: this worker leaves the live gauges; its counters stay in the sums."""
