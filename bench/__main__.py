@@ -45,7 +45,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         action="store_true",
         help="`all` also runs the capacity ladder over HTTPS (ladder-tls, ~5 more minutes)",
     )
-    parser.add_argument("--peers", default="abcd", help="subset of peers a b c d (default all)")
+    parser.add_argument("--peers", default="abcde", help="subset of peers a b c d e (default all)")
     parser.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")
     parser.add_argument(
         "--no-go", action="store_true", help="act as if Go were missing (tries the fallbacks)"

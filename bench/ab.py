@@ -24,15 +24,15 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench import load
-from bench.peers import ProxyOneWorker, Upstream
-from bench.scenarios import Meter
+from bench import load, logstall
+from bench.peers import ProxyDeployed, ProxyOneWorker, Upstream
+from bench.scenarios import Meter, part_figures
 from bench.tables import BENCH_TOKEN, Tables
 from bench.tlsca import make_certificates
 from bench.tools import REPO, cpu_layout, find_tools, say
 
 TABLE_SIZE = 1_000
-FIGURES = (  # key, heading, format
+STREAM_FIGURES = (  # key, heading, format
     ("cpu_per_stream_us", "CPU per stream (µs)", ",.0f"),
     ("ttfe_p50", "first event p50 (ms)", ",.1f"),
     ("ttfe_p99", "first event p99 (ms)", ",.1f"),
@@ -42,6 +42,24 @@ FIGURES = (  # key, heading, format
     ("peak_rss_mb", "peak RSS (MB)", ",.1f"),
     ("failed", "failed streams", ",.0f"),
 )
+# --shape stall: the deployed shape (scripts/run -d, 1 worker) with supervisord stopped for 3 s.
+STALL_FIGURES = (
+    ("delay_p50_ms", "event delay p50 (ms)", ",.2f"),
+    ("delay_p99_ms", "event delay p99 (ms)", ",.2f"),
+    ("delay_max_ms", "event delay max (ms)", ",.1f"),
+    ("small_rps", "small requests (req/s)", ",.0f"),
+    ("missing_lines", "access lines missing", ",.0f"),
+    ("failed", "failed streams", ",.0f"),
+)
+# --shape small: the deployed shape under the `small` load (wrk, 64 connections, 10 s).
+SMALL_FIGURES = (
+    ("rps", "throughput (req/s)", ",.0f"),
+    ("cpu_us_per_req", "CPU per request, whole tree (µs)", ",.0f"),
+    ("supervisord_us_per_req", "of which supervisord (µs)", ",.1f"),
+    ("supervisord_cpu_pct", "supervisord (% of one core)", ",.1f"),
+    ("cpu_pct", "tree CPU (% of one core)", ",.0f"),
+)
+FIGURES = {"streams": STREAM_FIGURES, "stall": STALL_FIGURES, "small": SMALL_FIGURES}
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -53,7 +71,35 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--interval-ms", type=int, default=50)
     parser.add_argument("--ramp-ms", type=int, default=2000)
     parser.add_argument("--tls", action="store_true", help="an HTTPS upstream (certificates made here)")
+    parser.add_argument(
+        "--shape",
+        choices=tuple(FIGURES),
+        default="streams",
+        help="streams: one bare worker, the stream shape above; stall / small: the deployed shape "
+        "(scripts/run -d, 1 worker, supervisord writing the logs) with supervisord stopped for 3 s "
+        "under streams and small requests (bench/logstall.py), or under the `small` load",
+    )
     return parser.parse_args(argv)
+
+
+def measure_deployed(
+    layout, box, workdir: Path, upstream: Upstream, tables: Tables, repo: Path, shape: str
+) -> dict:
+    home = Path(tempfile.mkdtemp(prefix="peer-", dir=workdir))
+    peer = ProxyDeployed(layout, home, tables, TABLE_SIZE, tls=upstream.tls, repo=repo)
+    try:
+        if shape == "stall":
+            return logstall.run(box, layout, upstream, peer, stall=True)
+        load.run_wrk(box, layout, peer.url, BENCH_TOKEN, 1, 64)  # warm-up
+        meter = Meter(peer, [], upstream)
+        res = load.run_wrk(box, layout, peer.url, BENCH_TOKEN, 10, 64)
+        used = meter.done()
+        res["cpu_us_per_req"] = used["cpu_s"] / res["requests"] * 1e6
+        res["cpu_pct"] = used["cpu_s"] / res["seconds"] * 100
+        part_figures(res, used, res["seconds"], res["requests"])
+        return res
+    finally:
+        peer.stop()
 
 
 def measure(layout, box, workdir: Path, upstream: Upstream, tables: Tables, repo: Path, shape: dict) -> dict:
@@ -78,12 +124,12 @@ def measure(layout, box, workdir: Path, upstream: Upstream, tables: Tables, repo
     }
 
 
-def report(names: list[str], results: dict[str, list[dict]]) -> str:
+def report(names: list[str], results: dict[str, list[dict]], figures=STREAM_FIGURES) -> str:
     lines = [
         f"| figure | {' | '.join(names)} | ratio |",
         f"|---|{'---|' * len(names)}---|",
     ]
-    for key, heading, fmt in FIGURES:
+    for key, heading, fmt in figures:
         cells, medians = [], []
         for name in names:
             values = [r[key] for r in results[name]]
@@ -94,6 +140,10 @@ def report(names: list[str], results: dict[str, list[dict]]) -> str:
         ratio = f"×{medians[1] / medians[0]:.2f}" if medians[0] else "–"
         lines.append(f"| {heading} | {' | '.join(cells)} | {ratio} |")
     return "\n".join(lines)
+
+
+def _brief(figures: dict, keys) -> str:
+    return ", ".join(f"{heading} {format(figures[key] or 0, fmt)}" for key, heading, fmt in keys)
 
 
 def main(argv: list[str]) -> int:
@@ -125,6 +175,11 @@ def main(argv: list[str]) -> int:
         results: dict[str, list[dict]] = {name: [] for name in names}
         for run in range(1, args.runs + 1):
             for name, repo in zip(names, (other, REPO), strict=True):
+                if args.shape != "streams":
+                    figures = measure_deployed(layout, box, workdir, upstream, tables, repo, args.shape)
+                    results[name].append(figures)
+                    say(f"run {run}/{args.runs} {name}: " + _brief(figures, FIGURES[args.shape]))
+                    continue
                 figures = measure(layout, box, workdir, upstream, tables, repo, shape)
                 results[name].append(figures)
                 say(
@@ -133,6 +188,18 @@ def main(argv: list[str]) -> int:
                     f"delay p99 {figures['delay_p99']:,.2f} ms, failed {figures['failed']}"
                 )
         scheme = "HTTPS" if args.tls else "plain HTTP"
+        if args.shape != "streams":
+            what = (
+                "supervisord stopped 3 s under 100 streams + ~1,000 small requests/s (bench/logstall.py)"
+                if args.shape == "stall"
+                else "the `small` load (wrk, 64 connections, 10 s)"
+            )
+            print(
+                f"\nthe deployed shape (scripts/run -d, 1 worker, whole tree pinned), {what}, {scheme} "
+                f"upstream; {args.runs} alternating runs (medians [runs]); ratio = this / other\n"
+            )
+            print(report(names, results, FIGURES[args.shape]))
+            return 0
         print(
             f"\n{args.streams:,} streams × {args.events} events at {args.interval_ms} ms, starting over "
             f"{args.ramp_ms} ms, {scheme} upstream; one worker each, {args.runs} alternating runs "

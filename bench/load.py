@@ -24,9 +24,11 @@ def run_wrk(
     duration: float,
     connections: int,
     close_upstream: bool = False,
+    delay_ms: int = 0,
 ) -> dict:
     """``close_upstream``: every request carries X-Bench-Close: 1, which the bench upstream answers
-    with Connection: close (so a proxy opens a new upstream connection for each request)."""
+    with Connection: close (so a proxy opens a new upstream connection for each request).
+    ``delay_ms``: each connection pauses that long between requests (a paced load, not a flood)."""
     threads = max(1, min(len(layout.load) or 2, 4))
     args = [
         *layout.prefix(layout.load),
@@ -42,6 +44,8 @@ def run_wrk(
         url,
     ]
     env = {**os.environ, "BENCH_TOKEN": token, "BENCH_CLOSE": "1" if close_upstream else ""}
+    if delay_ms:
+        env["BENCH_DELAY_MS"] = str(delay_ms)
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=duration + 60)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)

@@ -5,6 +5,8 @@ Peers, in the order every run visits them:
   b  Go reference  bench/peers/refproxy.go (httputil.ReverseProxy, FlushInterval -1)
   c  proxy, 1 w.   ``python wsgi.py`` (c+: the same with per-token limits on, scenario small-limits)
   d  proxy, 2 w.   ``bash scripts/run`` (supervisord, PROXY_WORKERS=2, syncer + fake backend)
+  e  deployed      ``bash scripts/run -d`` (supervisord daemonized writing the log files, 1 worker,
+                   syncer): the shape users run, the whole tree on the proxy's CPU
 """
 
 from __future__ import annotations
@@ -544,14 +546,24 @@ class ProxySupervised(Peer):
 
     key, name, label = "d", "proxy2", "proxy, 2 workers (supervisord)"
     workers = 2
+    daemon = False  # scripts/run in the foreground: supervisord relays every log to its stdout
 
     def __init__(
-        self, layout: Layout, workdir: Path, tables: Tables, table_size: int, tls: TlsFiles | None = None
+        self,
+        layout: Layout,
+        workdir: Path,
+        tables: Tables,
+        table_size: int,
+        tls: TlsFiles | None = None,
+        repo: Path = REPO,
     ) -> None:
         super().__init__()
         self.tls = tls
+        self.repo = repo
+        self.supervisord_pid = 0
         self.port = free_port()
-        home = workdir / "proxy2"
+        home = workdir / self.name
+        self.home = home
         home.mkdir(mode=0o700)
         self.table_path = home / "tokens.json"
         tables.write(self.table_path, table_size)
@@ -597,22 +609,40 @@ class ProxySupervised(Peer):
             GRACEFUL_TIMEOUT="5",
             **ca_env(self.tls),
         )
-        self.log_path = workdir / "proxy2.log"
-        self.proc = Proc([*layout.prefix(layout.proxy_2w), "bash", "scripts/run"], env, self.log_path)
+        python = self.repo / ".venv" / "bin" / "python"
+        env["PROXY_PYTHON"] = str(python) if python.exists() else PYTHON
+        self.log_path = workdir / f"{self.name}.log"
+        cpus = layout.proxy_1w if self.workers == 1 else layout.proxy_2w
+        args = [*layout.prefix(cpus), "bash", "scripts/run", *(["-d"] if self.daemon else [])]
+        self.proc = Proc(args, env, self.log_path, cwd=self.repo)
+        watched: Proc | None = self.proc
+        if self.daemon:  # scripts/run execs supervisord, which forks away: its pid is in its pidfile
+            pidfile = home / "run" / "supervisord.pid"
+            wait_until(lambda: _read_pid(pidfile), 30, f"{self.label}: supervisord's pidfile")
+            self.supervisord_pid = _read_pid(pidfile)
+            watched = None
+        else:
+            self.supervisord_pid = self.proc.pid
         wait_until(
-            self._started, 60, f"{self.label}: {self.workers} workers listening and one sync", self.proc, 0.2
+            self._started, 60, f"{self.label}: {self.workers} workers listening and one sync", watched, 0.2
         )
-        wait_until(lambda: request(self.port, "GET", "/_proxy/readyz") == 200, 30, self.label, self.proc)
+        wait_until(lambda: request(self.port, "GET", "/_proxy/readyz") == 200, 30, self.label, watched)
         time.sleep(1.5)  # the workers notice the syncer's file within TOKEN_FILE_POLL
         self._known = self.pids()
         self.check_serves()
 
+    def _log_text(self) -> str:
+        paths = sorted((self.home / "log").glob("*.log")) if self.daemon else [self.log_path]
+        texts = []
+        for path in paths:
+            try:
+                texts.append(path.read_text(errors="replace"))
+            except OSError:
+                pass
+        return "\n".join(texts)
+
     def _log_lines(self):
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return
-        for line in text.splitlines():
+        for line in self._log_text().splitlines():
             start = line.find("{")
             if start >= 0:
                 try:
@@ -630,13 +660,64 @@ class ProxySupervised(Peer):
         return len(listening) >= self.workers and synced and len(self.pids()) >= self.workers
 
     def pids(self) -> list[int]:
-        if not self.proc:
+        if not self.supervisord_pid:
             return []
-        return [pid for pid in procstat.descendants(self.proc.pid) if "wsgi.py" in procstat.cmdline(pid)]
+        return [
+            pid for pid in procstat.descendants(self.supervisord_pid) if "wsgi.py" in procstat.cmdline(pid)
+        ]
 
     def stop(self) -> None:
+        if self.daemon and self.supervisord_pid and procstat.alive(self.supervisord_pid):
+            stop_daemon(self.supervisord_pid, procstat.descendants(self.supervisord_pid), timeout=30)
         if self.proc:
             everything = procstat.descendants(self.proc.pid)
             self.proc.stop(timeout=30, also=everything)
         if self.backend:
             self.backend.stop()
+
+
+class ProxyDeployed(ProxySupervised):
+    """The deployment users run (issue 18): ``scripts/run -d`` with PROXY_WORKERS=1: supervisord
+    daemonized, the syncer, one worker, supervisord writing each program's log file; the whole
+    process tree on the proxy's CPU. Its CPU is the tree's (supervisord + syncer + worker), and
+    supervisord's share is measured apart (``parts``)."""
+
+    key, name, label = "e", "deployed", "proxy, deployed (supervisord -d, 1 worker)"
+    workers = 1
+    daemon = True
+
+    def pids(self) -> list[int]:
+        if not self.supervisord_pid:
+            return []
+        return [self.supervisord_pid, *procstat.descendants(self.supervisord_pid)]
+
+    def parts(self) -> dict[str, list[int]]:
+        return {"supervisord": [self.supervisord_pid]} if self.supervisord_pid else {}
+
+    def worker_log(self) -> Path:
+        return self.home / "log" / "proxy_00.log"
+
+
+def _read_pid(path: Path) -> int:
+    try:
+        return int(path.read_text().strip() or 0)
+    except (OSError, ValueError):
+        return 0
+
+
+def stop_daemon(pid: int, children: list[int], timeout: float) -> None:
+    """SIGTERM a daemon we started (known by its pidfile), wait; SIGKILL it and ``children`` late."""
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout
+    while procstat.alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if procstat.alive(pid):
+        say(f"  supervisord (pid {pid}) ignored SIGTERM for {timeout}s: SIGKILL")
+        for victim in [pid, *children]:
+            try:
+                os.kill(victim, signal.SIGKILL)
+            except ProcessLookupError:
+                pass

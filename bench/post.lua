@@ -11,6 +11,14 @@ if os.getenv("BENCH_CLOSE") == "1" then
   wrk.headers["X-Bench-Close"] = "1"
 end
 
+local pace = tonumber(os.getenv("BENCH_DELAY_MS") or "")
+if pace then
+  -- a paced load (issue 18's steady small requests): each connection waits this long between requests
+  function delay()
+    return pace
+  end
+end
+
 function done(summary, latency, requests)
   local e = summary.errors
   io.write(string.format(

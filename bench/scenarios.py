@@ -17,11 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench import load, procstat
+from bench import logstall as logstall_load
 from bench.peers import (
     CHAT_BODY,
     Direct,
     GoReference,
     Peer,
+    ProxyDeployed,
     ProxyOneWorker,
     ProxyOneWorkerLimits,
     ProxySupervised,
@@ -94,6 +96,7 @@ def start_peers(
         "b": lambda home: GoReference(ctx.box, ctx.layout, home, ctx.tables, TABLE_SIZE, ctx.tls),
         "c": lambda home: ProxyOneWorker(ctx.layout, home, ctx.tables, TABLE_SIZE, ctx.tls),
         "d": lambda home: ProxySupervised(ctx.layout, home, ctx.tables, TABLE_SIZE, ctx.tls),
+        "e": lambda home: ProxyDeployed(ctx.layout, home, ctx.tables, TABLE_SIZE, ctx.tls),
     }
     for key, maker in makers.items():
         if key[0] not in ctx.only or key[0] not in keys:
@@ -149,6 +152,9 @@ class Meter:
         for pid in self.pids:
             procstat.reset_peak_rss(pid)
         self.cpu0 = cpu_of(self.pids)
+        # Parts of the peer measured apart (the deployed peer's supervisord): their own CPU.
+        self.parts = peer.parts() if hasattr(peer, "parts") else {}
+        self.parts0 = {name: cpu_of(pids) for name, pids in self.parts.items()}
         self.t0 = time.monotonic()
 
     def done(self) -> dict:
@@ -170,7 +176,16 @@ class Meter:
             "peak_rss_mb": max(peaks) if peaks else None,
             "processes": len(self.pids),
             "upstream_cpu_s": cpu_of([self.upstream_pid]) - self.upstream0,
+            "parts_cpu_s": {name: cpu_of(pids) - self.parts0[name] for name, pids in self.parts.items()},
         }
+
+
+def part_figures(res: dict, used: dict, seconds: float, requests: int | None = None) -> None:
+    """Each part's CPU (% of one core, and µs per request when ``requests``) into ``res``."""
+    for name, cpu in used.get("parts_cpu_s", {}).items():
+        res[f"{name}_cpu_pct"] = cpu / seconds * 100 if seconds else None
+        if requests:
+            res[f"{name}_us_per_req"] = cpu / requests * 1e6
 
 
 def load_side(res: dict, upstream_cpu: float, loadgen_cpu: float, wall: float) -> None:
@@ -263,6 +278,10 @@ SMALL_FIGURES = [
     Figure("p99_ms", "latency p99 (ms)", ",.2f"),
     Figure("cpu_us_per_req", "CPU per request (µs; direct: the upstream's)", ",.0f"),
     Figure("cpu_pct", "CPU (% of one core)", ",.0f"),
+    Figure(
+        "supervisord_us_per_req", "of which supervisord per request (µs; e: deployed)", ",.0f", ratio=False
+    ),
+    Figure("supervisord_cpu_pct", "of which supervisord (% of one core; e: deployed)", ",.1f", ratio=False),
     Figure("errors", "non-2xx + socket errors", ",.0f", ratio=False),
     Figure("load_cpu_pct", "load side CPU: fake upstream + wrk (% of one core)", ",.0f", ratio=False),
 ]
@@ -289,7 +308,8 @@ def _small(ctx: Context, name: str) -> tuple[dict, list[Figure], list[Target]]:
     if ctx.box.wrk is None:
         raise Skip("wrk not found: install with `apt-get install wrk`")
     notes: list[str] = []
-    peers = start_peers(ctx, name, notes)
+    # e, the deployed shape (issue 18), over plain HTTP only: what supervisord's log relay costs.
+    peers = start_peers(ctx, name, notes, keys="abcd" if ctx.tls else "abcde")
     try:
         for peer in peers.values():  # warm-up, not recorded: pools filled, code paths hot
             load.run_wrk(ctx.box, ctx.layout, peer.url, BENCH_TOKEN, 1, connections)
@@ -374,6 +394,7 @@ def wrk_run(
     res["cpu_s"] = used["cpu_s"]
     res["cpu_us_per_req"] = used["cpu_s"] / res["requests"] * 1e6 if res["requests"] else None
     res["cpu_pct"] = used["cpu_s"] / res["seconds"] * 100 if res["seconds"] else None
+    part_figures(res, used, res["seconds"], res["requests"])
     say(
         f"    {res['rps']:,.0f} req/s, p99 {res['p99_ms']:.2f} ms, "
         f"CPU {res['cpu_us_per_req'] or 0:,.0f} µs/req,"
@@ -574,6 +595,7 @@ STREAM_FIGURES = [
     Figure("added_p50_ms", "added delay p50 over direct (ms)", ",.2f"),
     Figure("added_p99_ms", "added delay p99 over direct (ms)", ",.2f"),
     Figure("cpu_pct", "CPU (% of one core; direct: the upstream's)", ",.0f"),
+    Figure("supervisord_cpu_pct", "of which supervisord (% of one core; e: deployed)", ",.1f", ratio=False),
     Figure("peak_rss_mb", "peak RSS (MB, VmHWM; largest worker; direct: the upstream's)", ",.1f"),
     Figure("load_cpu_pct", "load side CPU: fake upstream + sseload (% of one core)", ",.0f", ratio=False),
 ]
@@ -736,7 +758,7 @@ def _stream(ctx: Context, name: str, shape: dict, plain: str = "") -> tuple[dict
             "install with `apt-get install golang-go`"
         )
     notes: list[str] = []
-    peers = start_peers(ctx, name, notes)
+    peers = start_peers(ctx, name, notes, keys="abcd" if ctx.tls else "abcde")
     try:
 
         def measure(peer: Peer, index: int, runs) -> dict:
@@ -744,6 +766,7 @@ def _stream(ctx: Context, name: str, shape: dict, plain: str = "") -> tuple[dict
             out = load.run_sseload(ctx.box, ctx.layout, peer.url, BENCH_TOKEN, ca=peer.client_ca, **shape)
             used = meter.done()
             res = stream_figures(out, used)
+            part_figures(res, used, out["wall_s"])
             failure_note(notes, peer, f"run {index + 1}", res)
             load_side(res, used["upstream_cpu_s"], out.get("cpu_s", 0.0), out["wall_s"])
             direct = runs.get("a", [])
@@ -1290,6 +1313,75 @@ def reload(ctx: Context) -> tuple[dict, list[Figure], list[Target]]:
 
 
 # In the order ``all`` runs them: each HTTPS variant right after its plain one.
+
+# ---------------------------------------------------------------------------- logstall (issue 18)
+
+
+def logstall(ctx: Context) -> tuple[dict, list[Figure], list[Target]]:
+    """The deployed shape with supervisord stopped for 3 s mid-load, beside the same load without."""
+    if not ctx.box.have_go or ctx.box.wrk is None:
+        raise Skip("needs Go (streams, upstream) and wrk (the small requests)")
+    name = "logstall"
+    shape = logstall_load.QUICK_SHAPE if ctx.quick else logstall_load.SHAPE
+    title = (
+        f"deployed shape (scripts/run -d, 1 worker): {shape['streams']} SSE streams at 20 events/s for "
+        f"{shape['events'] * shape['interval_ms'] / 1000:.0f} s + small requests paced at ~1,000/s; "
+        f"supervisord SIGSTOPped for {logstall_load.STALL_FOR:.0f} s, {logstall_load.STALL_AT} s in"
+    )
+    notes: list[str] = []
+    peers = start_peers(
+        ctx,
+        name,
+        notes,
+        keys="e",
+        makers={"e": lambda home: ProxyDeployed(ctx.layout, home, ctx.tables, TABLE_SIZE)},
+    )
+    if "e" not in peers:
+        raise Skip("the deployed peer did not start: " + "; ".join(notes))
+    deployed = peers["e"]
+    try:
+        runs: dict[str, list[dict]] = {"e": [], "s": []}
+        for index in range(ctx.runs):
+            for key, stall in (("e", False), ("s", True)):
+                say(f"  run {index + 1}/{ctx.runs}: {'stall' if stall else 'no stall'}")
+                res = logstall_load.run(
+                    ctx.box, ctx.layout, ctx.upstream, deployed, stall=stall, quick=ctx.quick
+                )
+                say(
+                    f"    delay p99 {res['delay_p99_ms']:.2f} max {res['delay_max_ms']:.1f} ms, "
+                    f"small {res['small_rps'] or 0:,.0f} req/s, lines missing {res['missing_lines']}, "
+                    f"failed {res['failed']}"
+                )
+                runs[key].append(res)
+                time.sleep(1.0)
+    finally:
+        stop_peers(peers)
+    labels = {"e": "no stall", "s": "supervisord stopped 3 s"}
+    setup = [
+        "one deployment (scripts/run -d, PROXY_WORKERS=1, the syncer, supervisord writing the log files; "
+        f"the whole tree on CPU {ctx.layout.describe(ctx.layout.proxy_1w)}), runs alternating without and "
+        "with the stall",
+        f"small requests: wrk, {logstall_load.SMALL_CONNECTIONS} connections, each pausing "
+        f"{logstall_load.SMALL_DELAY_MS} ms between requests",
+        "access lines missing = requests the upstream served during the load − access lines the worker's "
+        "log file gained (read once it stopped growing)",
+    ]
+    result = result_dict(
+        name, title, ctx, {"e": deployed, "s": deployed}, runs, logstall_load.FIGURES, setup, notes, "e"
+    )
+    result["peers"] = labels
+    s = result["summary"]
+    targets = [
+        Target("stall: event delay p99 ≤ 50 ms", get(s, "s", "delay_p99_ms"), 50, "median", ",.2f"),
+        Target(
+            "stall: event delay max ≤ 250 ms", get(s, "s", "delay_max_ms", "max"), 250, "worst run", ",.1f"
+        ),
+        Target("stall: 0 access lines missing", get(s, "s", "missing_lines", "max"), 0, "worst run", ",.0f"),
+        Target("stall: 0 failed streams", get(s, "s", "failed", "max"), 0, "worst run", ",.0f"),
+    ]
+    return result, logstall_load.FIGURES, targets
+
+
 SCENARIOS = {
     "small": small,
     "small-tls": small_tls,
@@ -1301,5 +1393,6 @@ SCENARIOS = {
     "reload": reload,
     "ladder": ladder,
     "ladder-tls": ladder_tls,
+    "logstall": logstall,
 }
 NOT_IN_ALL = ("ladder-tls",)  # `all` runs it only with --ladder-tls (it adds ~5 minutes)
