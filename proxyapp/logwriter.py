@@ -42,6 +42,9 @@ _thread_id = get_original("_thread", "get_ident")
 
 FLUSH_INTERVAL = 0.05  # seconds between two writes under load: well inside "tail -f is live"
 FLUSH_NOW_BYTES = 64 * 1024  # a pipe's worth: written without waiting for the interval
+# At most one log_lines_dropped line per this many seconds: a reader that is slow rather than
+# stopped lets some lines through between drops, and a line per write would flood the log.
+DROP_REPORT_INTERVAL = 5.0
 
 
 def open_own_description(fd: int) -> int:
@@ -86,6 +89,8 @@ class LogWriter:
         self._dropped = 0  # since the last report
         self._first_drop = self._last_drop = 0.0
         self._reporting = False
+        self._resumed = False  # a write went through since the last drop
+        self._next_report = 0.0
         self._last_write = 0.0
         self._wake = Event()
         self._empty = Event()
@@ -122,13 +127,20 @@ class LogWriter:
             self._first_drop = now
         self._last_drop = now
         self._dropped += 1
+        self._resumed = False
         self.dropped_total += 1
         if self.on_drop is not None:
             self.on_drop()
 
     def _run(self) -> None:
         while True:
-            self._wake.wait()
+            # Drops not yet reported (writing has resumed since): wake up when the report is due,
+            # even if no line comes.
+            pending = self._dropped and self._resumed
+            due = max(0.0, self._next_report - time.monotonic()) if pending else None
+            if not self._wake.wait(due):
+                self._maybe_report()
+                continue
             wait = self._last_write + self.flush_interval - time.monotonic()
             if wait > 0 and len(self._buffer) < FLUSH_NOW_BYTES:
                 gevent.sleep(wait)  # gather what the next few ms bring into the same write
@@ -152,8 +164,15 @@ class LogWriter:
                 continue
             del buffer[:written]
             self._last_write = time.monotonic()
-            if self._dropped and not self._reporting:
-                self._report_drops()
+            self._resumed = True
+            if self._dropped:
+                self._maybe_report()
+
+    def _maybe_report(self) -> None:
+        """The ``log_lines_dropped`` line, once writing has resumed and the last one is old enough."""
+        if self._dropped and self._resumed and not self._reporting and time.monotonic() >= self._next_report:
+            self._next_report = time.monotonic() + DROP_REPORT_INTERVAL
+            self._report_drops()
 
     def _lose_buffer(self, exc: OSError) -> None:
         lost = self._buffer.count(b"\n")
@@ -181,7 +200,10 @@ class LogWriter:
             self._reporting = False
 
     def flush(self, timeout: float) -> bool:
-        """Wait (cooperatively) until everything buffered is written; False if time ran out."""
+        """Wait (cooperatively) until everything buffered is written; False if time ran out.
+        Drops not reported yet are reported first (a stop must not hide them)."""
+        if self._dropped and not self._reporting:
+            self._report_drops()
         if not self._buffer:
             return True
         self._last_write = 0.0  # no gathering wait: write now
@@ -190,7 +212,7 @@ class LogWriter:
         return self._empty.wait(max(timeout, 0.0)) and not self._buffer
 
     def close(self, timeout: float) -> bool:
-        """Flush within ``timeout`` and stop the writer; what is left then is lost (and counted)."""
+        """Flush within ``timeout`` and stop the writer; what is left then is not written."""
         flushed = self.flush(timeout)
         if self._greenlet is not None:
             self._greenlet.kill(block=False)
