@@ -13,13 +13,15 @@ data frame is readable here without a zlib inflater per session.
 Usage: ``response.done`` (Realtime: ``response.usage`` with ``input_tokens``, ``output_tokens``,
 ``total_tokens``, ``input_token_details.cached_tokens``) and ``response.completed`` (Responses:
 ``input_tokens_details.cached_tokens``, ``output_tokens_details.reasoning_tokens``), summed over the
-session. Only text messages whose ``"type"`` is one of those (or cannot be seen in the first bytes)
-are collected and parsed; audio deltas and the like are skipped after a look at their first bytes.
+session. Only text messages whose first ``"type"`` is one of those (or cannot be seen in their first
+256 characters) are collected and parsed; audio deltas and the like are skipped after a look at
+their first characters.
 """
 
 from __future__ import annotations
 
 import json
+import re
 
 from wsproto.frame_protocol import FrameProtocol, Opcode, ParseFailed
 
@@ -27,7 +29,9 @@ from proxyapp.usage import FIELDS
 
 MAX_USAGE_MESSAGE = 1 << 20  # a text message longer than this is not parsed for usage
 _TYPE_WINDOW = 256  # the first characters of a message looked at for its "type"
-_USAGE_TYPES = ('"response.done"', '"response.completed"')
+_USAGE_TYPES = frozenset(("response.done", "response.completed"))
+# The first complete "type" value of a message (OpenAI's events start with it).
+_TYPE_VALUE = re.compile(r'"type"\s*:\s*"([^"\\]{0,64})"')
 _CLOSE = Opcode.CLOSE
 _TEXT = Opcode.TEXT
 
@@ -59,31 +63,41 @@ class SessionUsage:
 
     def text(self, piece: str, finished: bool) -> None:
         """One piece of a text message (wsproto's decoded payload of one frame or part of it)."""
-        if not self._collecting and not self._skip:
-            head = piece[:_TYPE_WINDOW]
-            if '"type"' in head and not any(kind in head for kind in _USAGE_TYPES):
-                self._skip = True
-            else:
-                self._collecting = True
-        if self._collecting:
-            self._size += len(piece)
-            if self._size > MAX_USAGE_MESSAGE:
-                self._collecting, self._skip, self._parts = False, True, []
-            else:
-                self._parts.append(piece)
-        if finished:
-            if self._collecting:
-                self._parse("".join(self._parts))
+        if self._skip:
+            if finished:
+                self._skip = False
+            return
+        self._parts.append(piece)
+        self._size += len(piece)
+        if not self._collecting and (self._size >= _TYPE_WINDOW or finished):
+            # Decided once per message, on its first characters: an audio delta or a transcript
+            # event is dropped here, whatever its size. Until then the pieces are kept.
+            head = "".join(self._parts)[:_TYPE_WINDOW]
+            kind = _TYPE_VALUE.search(head)
+            if kind is not None and kind.group(1) not in _USAGE_TYPES:
+                self._parts = []
+                self._size = 0
+                self._skip = not finished
+                return
+            self._collecting = True
+        if self._size > MAX_USAGE_MESSAGE:
             self._parts = []
             self._size = 0
-            self._collecting = self._skip = False
+            self._collecting = False
+            self._skip = not finished
+            return
+        if finished:
+            self._parse("".join(self._parts))
+            self._parts = []
+            self._size = 0
+            self._collecting = False
 
     def _parse(self, text: str) -> None:
         try:
             event = json.loads(text)
         except (ValueError, RecursionError):
             return
-        if not isinstance(event, dict) or event.get("type") not in ("response.done", "response.completed"):
+        if not isinstance(event, dict) or event.get("type") not in _USAGE_TYPES:
             return
         response = event.get("response")
         usage = response.get("usage") if isinstance(response, dict) else None

@@ -24,7 +24,7 @@ from websockets.sync.client import connect
 
 from tests.conftest import start_connect_proxy, start_proxy
 from tests.support.metrics import scrape, total
-from tests.support.procs import wait_for
+from tests.support.procs import start_up_failure, wait_for
 from tests.support.rawhttp import new_id
 from tests.support.tables import (
     CLIENT_TOKEN,
@@ -473,3 +473,46 @@ def test_concurrency_limited_token_gets_429_for_a_second_session(
             return False
 
     wait_for(third_session_opens, timeout=5, interval=0.1, what="the slot released")
+
+
+# ------------------------------------------------------------------------------------------ legacy mode
+
+
+def test_legacy_mode_whitelist_and_override(tmp_path, ws_up):
+    proxy = start_proxy(
+        tmp_path,
+        {
+            "ENABLE_TOKEN_ROUTING": "false",
+            "TARGET_URL": ws_up.url + "/v1",
+            "REQUIRED_AUTH_TOKENS": CLIENT_TOKEN,
+            "OVERRIDE_AUTH_TOKEN": UPSTREAM_KEY,
+        },
+    )
+    try:
+        rid, proto_rid, refused = new_id("legacy"), new_id("legacyp"), new_id("legacy401")
+        with open_ws(proxy, rid=rid) as ws:
+            assert recv_json(ws)["type"] == "session.created"
+        assert header(ws_up.record(rid)["headers"], "authorization") == f"Bearer {UPSTREAM_KEY}"
+        with open_ws(
+            proxy, token=None, rid=proto_rid, subprotocols=["realtime", PROTOCOL_PREFIX + CLIENT_TOKEN]
+        ):
+            pass
+        upstream = ws_up.record(proto_rid)
+        assert (
+            header(upstream["headers"], "sec-websocket-protocol")
+            == f"realtime, {PROTOCOL_PREFIX}{UPSTREAM_KEY}"
+        )
+        with pytest.raises(InvalidStatus) as error:
+            open_ws(proxy, token=OTHER_CLIENT_TOKEN, rid=refused)
+        assert error.value.response.status_code == 401
+        assert ws_up.records_of(refused) == []
+        assert proxy.access_line(rid)["end_reason"] == "complete"
+    finally:
+        proxy.stop()
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "-1"])
+def test_bad_websocket_idle_timeout_is_a_start_up_error_naming_it(tmp_path, value):
+    code, output = start_up_failure(tmp_path, {"WEBSOCKET_IDLE_TIMEOUT": value}, f"bad-idle-{value}.log")
+    assert code == 2 and "WEBSOCKET_IDLE_TIMEOUT" in output, output
+    assert "Traceback" not in output
