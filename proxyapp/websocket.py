@@ -37,7 +37,11 @@ from gevent import GreenletExit
 from proxyapp.ws_meter import FrameTrack, SessionUsage, close_frame
 
 PROTOCOL_KEY_PREFIX = "openai-insecure-api-key."
-_READ_SIZE = 65536
+# Reads start small and double while they come back full (a large message), back to small after a
+# short one: BufferedReader.read1 allocates its whole size before it learns how much arrived, and
+# a Realtime event is a few hundred bytes (the same reasoning as proxyapp.upstream's body reads).
+_READ_MIN = 4096
+_READ_MAX = 65536
 _GOING_AWAY = 1001
 _CLOSE_SEND_TIMEOUT = 0.5  # a close frame of ours: best effort, never holds the worker's exit
 _monotonic = time.monotonic
@@ -236,14 +240,19 @@ class Relay:
         raw_client = self._client_sock._sock  # the real non-blocking socket under gevent's
         sendall = self._client_sock.sendall
         track = self.down
+        size = _READ_MIN
         while True:
             try:
-                data = read(_READ_SIZE)
+                data = read(size)
             except OSError:
                 data = b""
             if not data:
                 self._end("complete" if track.closed else "upstream_error")
                 return
+            if len(data) == size:
+                size = min(size * 2, _READ_MAX)
+            elif size > _READ_MIN:
+                size = _READ_MIN
             self.last = _monotonic()
             self.sending_down = True
             try:
@@ -267,14 +276,19 @@ class Relay:
         sendall = self._up_sock.sendall
         track = self.up
         reason = "client_gone"
+        size = _READ_MIN
         while True:
             try:
-                data = read(_READ_SIZE)
+                data = read(size)
             except OSError:
                 data = b""
             if not data:
                 reason = "complete" if track.closed else "client_gone"
                 break
+            if len(data) == size:
+                size = min(size * 2, _READ_MAX)
+            elif size > _READ_MIN:
+                size = _READ_MIN
             self.last = _monotonic()
             self.sending_up = True
             try:
