@@ -1289,6 +1289,18 @@ def reload(ctx: Context) -> tuple[dict, list[Figure], list[Target]]:
     return result, RELOAD_FIGURES, targets
 
 
+def ws(ctx: Context) -> tuple[dict, list[Figure], list[Target]]:
+    from bench import wsbench  # imported here: it builds on this module
+
+    return wsbench.ws(ctx)
+
+
+def ws_tls(ctx: Context) -> tuple[dict, list[Figure], list[Target]]:
+    from bench import wsbench
+
+    return wsbench.ws_tls(ctx)
+
+
 # In the order ``all`` runs them: each HTTPS variant right after its plain one.
 SCENARIOS = {
     "small": small,
@@ -1301,5 +1313,7 @@ SCENARIOS = {
     "reload": reload,
     "ladder": ladder,
     "ladder-tls": ladder_tls,
+    "ws": ws,
+    "ws-tls": ws_tls,
 }
 NOT_IN_ALL = ("ladder-tls",)  # `all` runs it only with --ladder-tls (it adds ~5 minutes)
