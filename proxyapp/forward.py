@@ -154,6 +154,10 @@ class Exchange:
         self.decision = decision
         record.route = decision.route
         record.secrets = decision.secrets
+        if self.websocket == "header":  # a key entry beside a header credential: masked too
+            token = protocol_token(client.value("sec-websocket-protocol"))
+            if token is not None and token not in record.secrets:
+                record.secrets = (*record.secrets, token)
         try:
             record.request_body = head.body.read_all()
         except ClientError as err:

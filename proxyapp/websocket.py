@@ -123,14 +123,17 @@ def upstream_handshake_headers(
         del headers[name]
     headers["Connection"] = "Upgrade"
     headers["Upgrade"] = "websocket"
-    if key_in_protocol and auth_header is not None:
-        # The route's key goes where the client's token was, not in an Authorization header.
-        headers.pop(auth_header[0], None)
+    if auth_header is not None:
+        # The route's key replaces a key entry wherever one is (also when the token came in a
+        # header: the client's token never reaches the upstream), and goes only there when the
+        # client put its token there.
         value = auth_header[1]
         key = value[7:] if value[:7].lower() == "bearer " else value
         for name in headers:
-            if name.lower() == "sec-websocket-protocol":
+            if name.lower() == "sec-websocket-protocol" and PROTOCOL_KEY_PREFIX in headers[name]:
                 headers[name] = _with_protocol_key(headers[name], key)
+        if key_in_protocol:
+            headers.pop(auth_header[0], None)
     return headers
 
 

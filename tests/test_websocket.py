@@ -21,6 +21,7 @@ import requests
 from openai import OpenAI
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
+from wsproto.frame_protocol import FrameProtocol
 
 from tests.conftest import start_connect_proxy, start_proxy
 from tests.support.metrics import scrape, total
@@ -37,7 +38,7 @@ from tests.support.tables import (
     row,
     write_table,
 )
-from tests.support.wsfake import header, raw_handshake, start_ws_upstream
+from tests.support.wsfake import header, new_key, raw_handshake, start_ws_upstream
 
 PROTOCOL_PREFIX = "openai-insecure-api-key."
 UNKNOWN_TOKEN = register_secret("sk-ws-unknown-canary-6b1d9e3f5a7c2e40")
@@ -516,3 +517,46 @@ def test_bad_websocket_idle_timeout_is_a_start_up_error_naming_it(tmp_path, valu
     code, output = start_up_failure(tmp_path, {"WEBSOCKET_IDLE_TIMEOUT": value}, f"bad-idle-{value}.log")
     assert code == 2 and "WEBSOCKET_IDLE_TIMEOUT" in output, output
     assert "Traceback" not in output
+
+
+def test_total_timeout_bounds_a_session(proxy_factory, ws_up, ws_tls_up):
+    proxy = proxy_factory({"UPSTREAM_TOTAL_TIMEOUT": "1.5"}, rows=ws_rows(ws_up, ws_tls_up))
+    rid = new_id("total")
+    with open_ws(proxy, rid=rid) as ws:
+        assert recv_json(ws)["type"] == "session.created"
+        started = time.monotonic()
+        for n in range(3):  # traffic does not extend a total deadline
+            ws.send(f"m{n}")
+            assert ws.recv(timeout=5) == f"m{n}"
+        assert close_code(ws, timeout=5) == 1001
+        assert time.monotonic() - started < 3.0
+    assert proxy.access_line(rid)["end_reason"] == "total_timeout"
+    assert ws_up.record(rid, closed=True)["close_code"] == 1001
+
+
+def test_frames_sent_with_the_handshake_and_frames_already_buffered_upstream_are_relayed(wsp, ws_up):
+    """The client's first frame in the same packet as its handshake (pywsgi's reader holds it) and
+    the upstream's session.created right behind its 101 (http.client's reader holds it)."""
+    rid = new_id("early")
+    client = FrameProtocol(client=True, extensions=[])
+    handshake = (
+        f"GET {REALTIME} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        f"Sec-WebSocket-Key: {new_key()}\r\nSec-WebSocket-Version: 13\r\n"
+        f"Authorization: Bearer {CLIENT_TOKEN}\r\nX-Request-ID: {rid}\r\n\r\n"
+    ).encode()
+    with socket.create_connection(("127.0.0.1", wsp.port), timeout=5) as sock:
+        sock.sendall(handshake + bytes(client.send_data("early bird", fin=True)))
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += sock.recv(65536)
+        head, _, rest = data.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 101 "), head
+        received = []
+        deadline = time.monotonic() + 5
+        client.receive_bytes(rest)
+        while len(received) < 2 and time.monotonic() < deadline:
+            received += [frame.payload for frame in client.received_frames()]
+            if len(received) < 2:
+                client.receive_bytes(sock.recv(65536))
+        assert json.loads(received[0])["type"] == "session.created"
+        assert received[1] == "early bird"
