@@ -48,7 +48,7 @@ FIGURES = [
     Figure("added_p99_ms", "added delay p99 (ms, vs direct)", ",.2f", ratio=False),
     Figure("cpu_pct", "CPU (% of one core; direct: the upstream's)", ",.0f"),
     Figure("peak_rss_mb", "peak RSS (MB)", ",.1f"),
-    Figure("rss_per_session_kb", "RSS per open session (KB: peak − idle, / sessions)", ",.1f"),
+    Figure("rss_per_session_kb", "RSS per open session (KB: peak − RSS at start, / sessions)", ",.1f"),
     Figure("load_cpu_pct", "load side CPU: upstream + load generator (% of one core)", ",.0f", ratio=False),
 ]
 
@@ -189,9 +189,12 @@ def _ws(ctx: Context, name: str, tls: bool) -> tuple[dict, list[Figure], list[Ta
             },
         )
         try:
+            started_rss: dict[str, float] = {}  # each peer's RSS before its first run
 
             def measure(peer: Peer, index: int, runs) -> dict:
-                idle = _rss(peer.pids())
+                # Before the first run only: memory a process keeps after a run (Python's
+                # allocator, Go's heap) would otherwise make later runs look cheaper per session.
+                idle = started_rss.setdefault(peer.key, _rss(peer.pids()))
                 meter = Meter(peer, notes, upstream)
                 out = run_load(wctx, peer, duration)
                 used = meter.done()
@@ -241,7 +244,7 @@ def _ws(ctx: Context, name: str, tls: bool) -> tuple[dict, list[Figure], list[Ta
         "message delay = arrival at the client − the upstream's send time (t_sent in the message); added "
         "delay = a peer's percentile − direct's percentile of the same round",
         "CPU % = CPU seconds over the load's wall time × 100; peak RSS = VmHWM reset before each run; RSS "
-        "per session = (peak RSS − RSS before the run) / sessions",
+        "per session = (peak RSS − the peer's RSS before its first run) / sessions",
         "the upstream and the load generator are Python (websockets, asyncio): their own latency is in "
         "every peer's delay alike, and direct's delay is the baseline",
         *(
