@@ -16,7 +16,7 @@ import time
 from websockets.asyncio.client import connect
 
 
-async def one(index: int, args, delays: list[float], errors: list[str], context) -> bool:
+async def one(index: int, args, delays: list[tuple[float, float]], errors: list[str], context) -> bool:
     await asyncio.sleep(args.ramp * index / args.sessions)
     headers = {"Authorization": f"Bearer {args.token}"} if args.token else {}
     received = 0
@@ -44,7 +44,8 @@ async def one(index: int, args, delays: list[float], errors: list[str], context)
                         arrived = time.time()
                         at = message.find('"t_sent":')
                         if at >= 0:
-                            append(arrived - float(message[at + 9 : message.index(",", at)]))
+                            sent = float(message[at + 9 : message.index(",", at)])
+                            append((sent, arrived - sent))
                             received += 1
             except TimeoutError:
                 pass
@@ -79,13 +80,15 @@ async def main() -> None:
     parser.add_argument("--ca")
     args = parser.parse_args()
     context = ssl.create_default_context(cafile=args.ca) if args.url.startswith("wss:") else None
-    delays: list[float] = []
+    delays: list[tuple[float, float]] = []  # (t_sent, delay)
     errors: list[str] = []
     t0 = time.monotonic()
+    steady_from = time.time() + args.ramp + 1.0  # every session open: no handshakes in flight
     results = await asyncio.gather(*(one(i, args, delays, errors, context) for i in range(args.sessions)))
     wall = time.monotonic() - t0
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    ms = [d * 1000 for d in delays]
+    ms = [d * 1000 for _, d in delays]
+    steady = [d * 1000 for sent, d in delays if sent >= steady_from]
     print(
         json.dumps(
             {
@@ -96,6 +99,8 @@ async def main() -> None:
                 "delay_p50_ms": quantile(ms, 0.50),
                 "delay_p99_ms": quantile(ms, 0.99),
                 "delay_max_ms": max(ms) if ms else None,
+                "steady_p50_ms": quantile(steady, 0.50),
+                "steady_p99_ms": quantile(steady, 0.99),
                 "cpu_s": usage.ru_utime + usage.ru_stime,
                 "wall_s": wall,
             }
