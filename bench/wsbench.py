@@ -51,6 +51,12 @@ FIGURES = [
     Figure("peak_rss_mb", "peak RSS (MB)", ",.1f"),
     Figure("rss_per_session_kb", "RSS per open session (KB: peak − RSS at start, / sessions)", ",.1f"),
     Figure("load_cpu_pct", "load side CPU: upstream + load generator (% of one core)", ",.0f", ratio=False),
+    Figure(
+        "runqueue_wait_pct",
+        "time the peer waited for its CPU, held by other processes (% of the run)",
+        ",.0f",
+        ratio=False,
+    ),
 ]
 
 
@@ -155,6 +161,16 @@ def run_load(ctx: Context, peer: Peer, duration: float) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def _waited(pids: list[int]) -> float:
+    total = 0.0
+    for pid in pids:
+        try:
+            total += procstat.runqueue_wait_seconds(pid)
+        except OSError:
+            pass
+    return total
+
+
 def _rss(pids: list[int]) -> float:
     total = 0.0
     for pid in pids:
@@ -196,9 +212,11 @@ def _ws(ctx: Context, name: str, tls: bool) -> tuple[dict, list[Figure], list[Ta
                 # Before the first run only: memory a process keeps after a run (Python's
                 # allocator, Go's heap) would otherwise make later runs look cheaper per session.
                 idle = started_rss.setdefault(peer.key, _rss(peer.pids()))
+                waited = _waited(peer.pids())
                 meter = Meter(peer, notes, upstream)
                 out = run_load(wctx, peer, duration)
                 used = meter.done()
+                waited = _waited(peer.pids()) - waited
                 wall = out["wall_s"]
                 res = {
                     "sessions": out["sessions"],
@@ -214,6 +232,7 @@ def _ws(ctx: Context, name: str, tls: bool) -> tuple[dict, list[Figure], list[Ta
                         (used["peak_rss_mb"] - idle) * 1024 / SESSIONS if used["peak_rss_mb"] else None
                     ),
                     "errors": out["errors"],
+                    "runqueue_wait_pct": waited / wall * 100 if wall else None,
                 }
                 load_side(res, used["upstream_cpu_s"], out.get("cpu_s", 0.0), wall)
                 direct = runs.get("a", [])
@@ -250,6 +269,8 @@ def _ws(ctx: Context, name: str, tls: bool) -> tuple[dict, list[Figure], list[Ta
         "per session = (peak RSS − the peer's RSS before its first run) / sessions",
         "the upstream and the load generator are Python (websockets, asyncio): their own latency is in "
         "every peer's delay alike, and direct's delay is the baseline",
+        "CPU wait = the peer's threads runnable but not running (schedstat): other processes on its CPU "
+        "(pinning keeps the peer on its CPU, not others off it); delays of a run with a high wait are noise",
         *(
             [
                 "upstream over TLS (wss): the Go reference trusts the bench CA through SSL_CERT_FILE, "
