@@ -83,3 +83,16 @@ def alive(pid: int) -> bool:
     except OSError:
         return False
     return data[data.rindex(b")") + 2 : data.rindex(b")") + 3] != b"Z"
+
+
+def runqueue_wait_seconds(pid: int) -> float:
+    """Time the process's threads spent runnable but waiting for a CPU (schedstat, all threads):
+    how much other processes on its CPU held it back."""
+    total = 0
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/schedstat") as handle:
+                total += int(handle.read().split()[1])
+        except (OSError, IndexError, ValueError):
+            pass
+    return total / 1e9

@@ -1312,7 +1312,17 @@ def reload(ctx: Context) -> tuple[dict, list[Figure], list[Target]]:
     return result, RELOAD_FIGURES, targets
 
 
-# In the order ``all`` runs them: each HTTPS variant right after its plain one.
+def ws(ctx: Context) -> tuple[dict, list[Figure], list[Target]]:
+    from bench import wsbench  # imported here: it builds on this module
+
+    return wsbench.ws(ctx)
+
+
+def ws_tls(ctx: Context) -> tuple[dict, list[Figure], list[Target]]:
+    from bench import wsbench
+
+    return wsbench.ws_tls(ctx)
+
 
 # ---------------------------------------------------------------------------- logstall (issue 18)
 
@@ -1382,6 +1392,7 @@ def logstall(ctx: Context) -> tuple[dict, list[Figure], list[Target]]:
     return result, logstall_load.FIGURES, targets
 
 
+# In the order ``all`` runs them: each HTTPS variant right after its plain one.
 SCENARIOS = {
     "small": small,
     "small-tls": small_tls,
@@ -1394,5 +1405,7 @@ SCENARIOS = {
     "ladder": ladder,
     "ladder-tls": ladder_tls,
     "logstall": logstall,
+    "ws": ws,
+    "ws-tls": ws_tls,
 }
 NOT_IN_ALL = ("ladder-tls",)  # `all` runs it only with --ladder-tls (it adds ~5 minutes)

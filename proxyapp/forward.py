@@ -29,13 +29,24 @@ from proxyapp.headers import (
 from proxyapp.keepalive import is_event_stream, with_keepalive
 from proxyapp.limits import UNLIMITED, Admission, Limiter
 from proxyapp.logs import AccessRecord, write_access
-from proxyapp.routing import Decision, Rejection, Router
+from proxyapp.routing import Credential, Decision, Rejection, Router
 from proxyapp.upstream import UpstreamClient, UpstreamError, body_chunks, describe_stream_error, open_upstream
 from proxyapp.usage import UsageMeter, request_fields
 from proxyapp.watchdog import Watchdog
+from proxyapp.websocket import (
+    Relay,
+    client_handshake_headers,
+    detach_upstream,
+    handshake_problem,
+    is_accepted,
+    is_websocket_handshake,
+    protocol_token,
+    upstream_handshake_headers,
+)
 
 _RATELIMIT_HEADERS = frozenset({"x-ratelimit-limit-requests", "x-ratelimit-remaining-requests"})
 _STREAM_ERRORS = (urllib3.exceptions.HTTPError, OSError, http.client.HTTPException, ValueError)
+_SWITCHING = "101 Switching Protocols"
 _now = time.perf_counter
 _monotonic = time.monotonic
 
@@ -63,6 +74,7 @@ class Forwarder:
         self.log_body_max = config.log_body_max_bytes
         self.max_body = config.max_body_bytes
         self.sse_keepalive = config.sse_keepalive_seconds
+        self.websocket_idle = config.websocket_idle_timeout
         self.loop = gevent.get_hub().loop
         self.in_flight = 0
 
@@ -86,6 +98,7 @@ class Exchange:
         "raw",
         "record",
         "watchdog",
+        "websocket",
     )
 
     def __init__(self, forwarder: Forwarder, head: RequestHead) -> None:
@@ -108,6 +121,8 @@ class Exchange:
         self.watchdog: Watchdog | None = None
         self.is_stream = False
         self.finished = False
+        # A WebSocket handshake: None (plain HTTP), "header" or "protocol" (where its credential is).
+        self.websocket: str | None = None
 
     # -- the request
 
@@ -116,6 +131,21 @@ class Exchange:
         record = self.record
         self.client = client = classify_request_headers(head.headers)
         credential = client.credential
+        if is_websocket_handshake(head.method, head.headers):
+            self.websocket = "header"
+            if credential is None:  # the browser form: a subprotocol entry carries the token
+                token = protocol_token(client.value("sec-websocket-protocol"))
+                if token is not None:
+                    credential = Credential("sec-websocket-protocol", token)
+                    self.websocket = "protocol"
+            problem = handshake_problem(head.headers, _declares_body(head.headers))
+            if problem is None and not head.can_take_over:
+                problem = "WebSocket is not available under this server."
+            if problem is not None:
+                if credential is not None:
+                    record.secrets = (credential.token,)
+                head.close_connection()
+                return self._error(400, "bad_websocket_handshake", problem)
         decision = self.fw.router.resolve(credential)
         if isinstance(decision, Rejection):
             if credential is not None:
@@ -124,6 +154,10 @@ class Exchange:
         self.decision = decision
         record.route = decision.route
         record.secrets = decision.secrets
+        if self.websocket == "header":  # a key entry beside a header credential: masked too
+            token = protocol_token(client.value("sec-websocket-protocol"))
+            if token is not None and token not in record.secrets:
+                record.secrets = (*record.secrets, token)
         try:
             record.request_body = head.body.read_all()
         except ClientError as err:
@@ -155,6 +189,8 @@ class Exchange:
         headers = upstream_request_headers(
             self.client, decision.auth_header, head.client_ip, head.request_id, head.method, body
         )
+        if self.websocket is not None:
+            headers = upstream_handshake_headers(headers, decision.auth_header, self.websocket == "protocol")
         self.watchdog = watchdog = Watchdog(fw.loop, fw.timeout[1])
         watchdog.arm(head.client_socket, fw.total_timeout)
         fw.in_flight += 1
@@ -191,6 +227,16 @@ class Exchange:
             out[:] = [item for item in out if item[0].lower() not in _RATELIMIT_HEADERS]
             out.extend(limit_headers)
         record.response_headers = out
+        if status == 101:
+            if self.websocket is not None and is_accepted(raw.headers.items()):
+                return self._upgrade(out)
+            self._disarm()  # never switched unasked: the connection is closed by finish()
+            return self._error(
+                502,
+                "upstream_bad_response",
+                "The upstream switched protocols without a WebSocket upgrade.",
+                reason="upstream_error",
+            )
         status_line = f"{status} {raw.reason or reason_phrase(status)}"
         if head.method == "HEAD" or status in NO_BODY_STATUS or status < 200:
             self._disarm()
@@ -253,6 +299,64 @@ class Exchange:
             record.response_capture = capture
             self.finish()
 
+    def _upgrade(self, out: list[tuple[str, str]]) -> flask.Response:
+        """The upstream accepted the WebSocket: the 101 goes to the client, then the relay."""
+        self._disarm()
+        reader, sock = detach_upstream(self.raw)
+        self.raw = None
+        record = self.record
+        record.first_byte_at = record.upstream_at
+        headers = client_handshake_headers(out, self.client.value("sec-websocket-protocol"))
+        record.response_headers = headers
+        metrics = self.fw.metrics
+        if metrics is not None:
+            self.is_stream = True  # counted as a session, not an event stream (see finish)
+            metrics.in_flight_websockets += 1
+        body = SessionBody(lambda: self._session(reader, sock), lambda: self._abandon(reader, sock))
+        return ProxyResponse(_SWITCHING, headers, body)
+
+    def _abandon(self, reader, sock) -> None:
+        """The 101 never reached the client (it left): the upstream side is closed unused."""
+        if self.finished:
+            return
+        for closable in (reader, sock):
+            try:
+                closable.close()
+            except OSError:
+                pass
+        self.record.end_reason = "client_gone"
+        self.finish()
+
+    def _session(self, reader, sock) -> None:
+        """Once pywsgi has sent the 101's head: the whole session, then its access line."""
+        fw = self.fw
+        record = self.record
+        total = fw.total_timeout
+        if total:
+            total = max(0.001, total - (_now() - record.started))
+        client_reader, client_sock = self.head.take_over()
+        relay = Relay(
+            client_reader, client_sock, reader, sock, idle=fw.websocket_idle, total=total, loop=fw.loop
+        )
+        end_reason = "client_gone"
+        try:
+            end_reason = relay.run()
+        finally:
+            record.end_reason = end_reason
+            if end_reason == "upstream_error":
+                record.error = "the upstream closed the connection without a close frame"
+            record.response_bytes = relay.upstream_bytes
+            record.usage = relay.usage.result()
+            record.websocket = {
+                "websocket": True,
+                "request_size_bytes": relay.client_bytes,
+                "client_messages": relay.up.messages,
+                "upstream_messages": relay.down.messages,
+                "client_close_code": relay.up.close_code,
+                "upstream_close_code": relay.down.close_code,
+            }
+            self.finish()
+
     def _disarm(self) -> None:
         if self.watchdog is not None and self.watchdog.disarm():
             self.fw.in_flight -= 1
@@ -291,7 +395,10 @@ class Exchange:
         metrics = self.fw.metrics
         if metrics is not None:
             if self.is_stream:
-                metrics.in_flight_streams -= 1
+                if record.status == 101:
+                    metrics.in_flight_websockets -= 1
+                else:
+                    metrics.in_flight_streams -= 1
             metrics.observe(record)
 
     def _error(
@@ -321,6 +428,32 @@ class Exchange:
         self.record.end_reason = reason
         self.finish()
         return AbortConnection()
+
+
+def _declares_body(headers) -> bool:
+    for name, value in headers:
+        lower = name.lower()
+        if lower == "transfer-encoding" or (lower == "content-length" and value.strip() != "0"):
+            return True
+    return False
+
+
+class SessionBody:
+    """A 101's body: iterating it runs the whole WebSocket session and yields nothing; close() ends
+    the exchange if the session never started. Has no length, so pywsgi adds no framing."""
+
+    __slots__ = ("_on_close", "_run")
+
+    def __init__(self, run, on_close) -> None:
+        self._run = run
+        self._on_close = on_close
+
+    def __iter__(self):
+        self._run()
+        return iter(())
+
+    def close(self) -> None:
+        self._on_close()
 
 
 class EmptyBody:

@@ -75,6 +75,18 @@ class RequestHead:
             self._conn.close_connection = True
 
     @property
+    def can_take_over(self) -> bool:
+        """The server can hand the connection over after a 101 (``take_over``)."""
+        return self._conn is not None
+
+    def take_over(self) -> tuple[object, object]:
+        """After a 101: the client connection's buffered reader (it may already hold bytes the
+        client sent early) and its socket, for a relay; the server closes it after this response."""
+        conn = self._conn
+        conn.close_connection = True
+        return conn.rfile, conn.socket
+
+    @property
     def write_failure(self) -> str | None:
         return self._conn.client_failure if self._conn is not None else None
 

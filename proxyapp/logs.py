@@ -73,6 +73,7 @@ def log_access(record: dict[str, object]) -> None:
 
 
 _NO_USAGE = dict.fromkeys(USAGE_FIELDS)
+_NOT_WEBSOCKET: dict[str, object] = {}
 
 
 @dataclass(slots=True)
@@ -106,6 +107,7 @@ class AccessRecord:
     stream: bool | None = None
     usage: dict[str, int | None] | None = None
     limit: str | None = None  # which per-token limit refused it ("concurrency", "rpm"), if one did
+    websocket: dict[str, object] | None = None  # a WebSocket session's own fields (proxyapp.forward)
 
     @property
     def model_name(self) -> str:
@@ -173,5 +175,6 @@ def write_access(record: AccessRecord, body_limit: int = 0) -> None:
             "stream": record.stream,
             "limit": record.limit,
             **(record.usage or _NO_USAGE),
+            **(record.websocket or _NOT_WEBSOCKET),
         }
     )

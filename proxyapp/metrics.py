@@ -221,6 +221,7 @@ _LIVE_SUMS = (
     ("workers", "llmproxy_workers", "Worker processes alive."),
     ("in_flight_requests", "llmproxy_in_flight_requests", "Requests being forwarded now."),
     ("in_flight_streams_gauge", "llmproxy_in_flight_streams", "Event streams being forwarded now."),
+    ("in_flight_websockets_gauge", "llmproxy_in_flight_websockets", "WebSocket sessions being relayed now."),
 )
 # Every worker serves the same file: their figures agree but for the moment of a reload, and a sum
 # would count the table once per worker. The largest among live workers: the table's size, its
@@ -260,6 +261,7 @@ class WorkerMetrics:
             "Log lines dropped because the worker's log buffer was full (LOG_BUFFER_BYTES).",
             registry=None,
         )
+        self._websockets = 0
         if store is not None:
             for attribute, name, help_text in _TABLE_GAUGES:
                 setattr(self, attribute, Gauge(name, help_text, registry=None, multiprocess_mode="livemax"))
@@ -314,6 +316,15 @@ class WorkerMetrics:
     def in_flight_streams(self, value: int) -> None:  # forward.py: += 1 / -= 1 around a stream
         self._streams = value
         self.in_flight_streams_gauge.set(value)
+
+    @property
+    def in_flight_websockets(self) -> int:
+        return self._websockets
+
+    @in_flight_websockets.setter
+    def in_flight_websockets(self, value: int) -> None:  # forward.py: += 1 / -= 1 around a session
+        self._websockets = value
+        self.in_flight_websockets_gauge.set(value)
 
     def observe(self, record) -> None:
         """Count one finished request, from its access record (proxyapp.logs.AccessRecord)."""

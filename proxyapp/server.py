@@ -460,7 +460,7 @@ class ProxyHandler(WSGIHandler):
 
     def start_response(self, status, headers, exc_info=None):
         write = super().start_response(status, headers, exc_info)
-        if self.server.draining and not self.close_connection:
+        if self.server.draining and not self.close_connection and self.code != 101:
             self.response_headers.append((b"Connection", b"close"))
             self.close_connection = True
         return write
@@ -470,6 +470,8 @@ class ProxyHandler(WSGIHandler):
         # appends, then _sendall) cut to one formatting and one send once the headers are out.
         # It runs once per forwarded SSE event.
         sendall = self._sendall
+        if self.code == 101:
+            self.write(b"")  # a WebSocket upgrade: its head goes out now, the body is the relay
         for data in self.result:
             if not data:
                 continue

@@ -454,14 +454,16 @@ def test_server_layer_errors_without_a_valid_request_id_get_a_fresh_one(hp, upst
 # ------------------------------------------------------------------------------------------ upgrades
 
 
+# WebSocket upgrades are relayed (tests/test_websocket.py); every other upgrade stays plain HTTP.
 @pytest.mark.parametrize(
     "upgrade",
     [
-        "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-        "Sec-WebSocket-Version: 13\r\n",
         "Upgrade: h2c\r\nConnection: Upgrade, HTTP2-Settings\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n",
+        "Upgrade: TLS/1.2\r\nConnection: Upgrade\r\n",
+        # websocket named without Connection: upgrade is not a handshake
+        "Upgrade: websocket\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n",
     ],
-    ids=["websocket", "h2c"],
+    ids=["h2c", "tls", "websocket-without-connection-upgrade"],
 )
 def test_upgrade_requests_are_never_switched(hp, upstream, upgrade):
     upstream.clear()

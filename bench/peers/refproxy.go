@@ -7,10 +7,12 @@
 // -poll). The client token (Authorization: Bearer, bare Authorization, or x-api-key) picks the
 // upstream; the request goes to api_url + path with the upstream key as "Authorization: Bearer",
 // through httputil.ReverseProxy with FlushInterval -1 (every write flushed: SSE is never held).
+// WebSocket upgrades are relayed by ReverseProxy (statusWriter keeps http.Hijacker reachable).
 // One access line per request on stdout, like ours. Prints "ready <port>". Standard library only.
 package main
 
 import (
+	"bufio"
 	"context"
 	"encoding/json"
 	"flag"
@@ -96,13 +98,19 @@ func clientToken(r *http.Request) string {
 
 type ctxKey struct{}
 
-type statusWriter struct { // records the status for the access line; keeps Flush reachable
+type statusWriter struct { // records the status for the access line; keeps Flush and Hijack reachable
 	http.ResponseWriter
 	status int
 }
 
 func (w *statusWriter) WriteHeader(code int) { w.status = code; w.ResponseWriter.WriteHeader(code) }
 func (w *statusWriter) Flush()               { w.ResponseWriter.(http.Flusher).Flush() }
+
+// Hijack: ReverseProxy relays a 101 (WebSocket) only through a ResponseWriter that is an
+// http.Hijacker (Go 1.19 asserts the type; without this every upgrade would be a 502).
+func (w *statusWriter) Hijack() (net.Conn, *bufio.ReadWriter, error) {
+	return w.ResponseWriter.(http.Hijacker).Hijack()
+}
 
 func main() {
 	addr := flag.String("addr", "127.0.0.1:0", "listen address")
