@@ -29,7 +29,13 @@ def create_app(
         table_store = None
     upstream = upstream or make_upstream_client(config)
     limiter = Limiter.from_config(config)  # disabled (nothing limited) without LIMITS_REDIS_URL
-    metrics = WorkerMetrics(config.metrics_dir, store=table_store, limiter=limiter)
+    metrics = WorkerMetrics(
+        config.metrics_dir,
+        store=table_store,
+        limiter=limiter,
+        sync_interval_seconds=config.sync_interval_minutes * 60,
+        configured_workers=config.configured_workers,
+    )
     forwarder = Forwarder(config, make_router(config, table_store), upstream, metrics, limiter)
     metrics.in_flight = lambda: forwarder.in_flight
     app = Flask(__name__)

@@ -49,6 +49,7 @@ class ProxyConfig:
     token_rpm: int = 0
     limits_redis_url: str = ""  # "" = no Redis: limits found in the table are not enforced
     limits_lease_seconds: float = 30.0
+    configured_workers: int = 0  # PROXY_WORKERS as the launcher set it; 0 = not known
 
     @property
     def limits_by_env(self) -> bool:
@@ -106,6 +107,7 @@ class ProxyConfig:
             token_rpm=token_rpm,
             limits_redis_url=limits_redis_url,
             limits_lease_seconds=env.number("LIMITS_LEASE_SECONDS", 30.0, minimum=1.0),
+            configured_workers=env.integer("PROXY_WORKERS", 0),
         )
 
 
