@@ -12,7 +12,7 @@ from proxyapp.metrics import WorkerMetrics
 from proxyapp.routing import make_router
 from proxyapp.table_store import LimitSettings, TableStore
 from proxyapp.upstream import UpstreamClient, make_tls_context
-from proxyapp.views import ProxyFirst, register
+from proxyapp.views import OPERATIONAL_ENDPOINTS, PUBLIC_WITH_ADMIN, ProxyFirst, register
 
 
 def create_app(
@@ -44,7 +44,8 @@ def create_app(
     app.extensions["proxy.forwarder"] = forwarder
     app.extensions["proxy.metrics"] = metrics
     app.extensions["proxy.limiter"] = limiter
-    register(app, forwarder, table_store, config.sync_interval_minutes, metrics)
+    operational = PUBLIC_WITH_ADMIN if config.admin_enabled else OPERATIONAL_ENDPOINTS
+    register(app, forwarder, table_store, config.sync_interval_minutes, metrics, operational=operational)
     app.wsgi_app = ProxyFirst(forwarder, app.wsgi_app)
     return app
 

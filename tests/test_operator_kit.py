@@ -1,0 +1,202 @@
+"""ADMIN_LISTEN_ADDR against a real deployment: scripts/run under supervisord with three workers,
+the local Redis of the limits, the fake backend and the session's fake upstream.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+import requests
+
+from tests.support.metrics import Scrape, scrape
+from tests.support.procs import free_port, start_up_failure, wait_for
+from tests.support.tables import CLIENT_TOKEN, OTHER_CLIENT_TOKEN
+from tests.test_deploy import Deployment, FakeBackend, backend_row, post
+
+pytestmark = pytest.mark.deploy
+
+WORKERS = 3
+DEAD_TOKEN = "sk-client-deadmodel-0a1b2c3d4e5f60718293"  # its model's API is a closed port
+PROGRAMS = ["redis", "syncer", *(f"proxy:proxy_{i:02d}" for i in range(WORKERS))]
+
+
+class Kit:
+    def __init__(self, deployment: Deployment, admin_port: int) -> None:
+        self.dep = deployment
+        self.public = deployment.url
+        self.admin = f"http://127.0.0.1:{admin_port}"
+        self.admin_address = f"127.0.0.1:{admin_port}"
+
+    def ready(self) -> bool:
+        try:
+            response = requests.get(self.admin + "/_proxy/readyz", timeout=2)
+        except requests.RequestException:
+            return False
+        return response.status_code == 200 and response.json().get("tokens", 0) == 3
+
+    def worker_pids(self) -> set[int]:
+        return {self.dep.pid(f"proxy:proxy_{i:02d}") for i in range(WORKERS)}
+
+
+@pytest.fixture(scope="module")
+def kit(tmp_path_factory, upstream):
+    logs = tmp_path_factory.mktemp("operator-kit")
+    backend = FakeBackend(logs)
+    dead_port = free_port()  # nothing listens there
+    backend.control.set(
+        rows=[
+            backend_row(CLIENT_TOKEN, 7, upstream.url + "/v1"),
+            backend_row(OTHER_CLIENT_TOKEN, 8, upstream.url + "/v1", token_rpm=2),
+            backend_row(
+                DEAD_TOKEN, 9, f"http://127.0.0.1:{dead_port}/v1", ai_model_id=2, ai_model_name="DeadModel"
+            ),
+        ]
+    )
+    admin_port = free_port()
+    deployment = Deployment(
+        logs,
+        {
+            "SERVER_API_URL": backend.url,
+            "TOKEN_FILE_POLL": "0.2",
+            "PROXY_WORKERS": str(WORKERS),
+            "ADMIN_LISTEN_ADDR": f"127.0.0.1:{admin_port}",
+            # A default limit starts the local Redis (deploy/redis.conf); OTHER_CLIENT_TOKEN's row
+            # allows 2 requests a minute, so the limiter's metrics have something to count.
+            "TOKEN_RPM": "100000",
+        },
+    )
+    kit = Kit(deployment, admin_port)
+    try:
+        deployment.wait_running(PROGRAMS, timeout=30)
+        wait_for(kit.ready, timeout=20, interval=0.05, what="proxy ready on the admin address")
+        yield kit
+    finally:
+        deployment.stop()
+        backend.stop()
+
+
+def _not_found(response: requests.Response) -> None:
+    assert response.status_code == 404, (response.status_code, response.text[:300])
+    assert response.json()["error"]["code"] == "not_found"
+
+
+def test_public_port_answers_404_for_metrics_and_readyz_and_proxies_no_operational_path(kit, upstream):
+    auth = {"Authorization": f"Bearer {CLIENT_TOKEN}"}
+    for path in ("/_proxy/metrics", "/_proxy/readyz", "/_proxy/nothing", "/_proxy/metrics/x"):
+        for headers in ({}, auth):
+            for method in ("GET", "POST"):
+                request_id = f"kit-public-{uuid.uuid4().hex[:12]}"
+                response = requests.request(
+                    method,
+                    kit.public + path,
+                    headers={**headers, "X-Request-ID": request_id, "Connection": "close"},
+                    timeout=5,
+                )
+                _not_found(response)
+                assert "llmproxy_" not in response.text
+                assert upstream.records_of(request_id) == [], (method, path)
+    # Load balancers still probe the public port.
+    health = requests.get(kit.public + "/_proxy/healthz", timeout=5)
+    assert health.status_code == 200 and health.json() == {"status": "ok"}
+    # And the proxy itself is unchanged there.
+    assert post(kit.public, CLIENT_TOKEN).status_code == 200
+
+
+def test_admin_address_serves_operational_paths_only(kit, upstream):
+    assert requests.get(kit.admin + "/_proxy/healthz", timeout=5).status_code == 200
+    ready = requests.get(kit.admin + "/_proxy/readyz", timeout=5)
+    assert ready.status_code == 200 and ready.json()["table_loaded"] is True
+    for secret in (CLIENT_TOKEN, OTHER_CLIENT_TOKEN, DEAD_TOKEN):
+        assert secret not in ready.text
+    # Nothing is proxied from the admin address, with a valid token or not.
+    request_id = f"kit-admin-{uuid.uuid4().hex[:12]}"
+    response = post(kit.admin, CLIENT_TOKEN, request_id=request_id)
+    _not_found(response)
+    _not_found(requests.get(kit.admin + "/_proxy/nothing", timeout=5))
+    assert upstream.records_of(request_id) == []
+
+
+def test_scrapes_land_on_every_worker_and_agree(kit):
+    for _ in range(10):
+        assert post(kit.public, CLIENT_TOKEN).status_code == 200
+    pids = kit.worker_pids()
+    assert len(pids) == WORKERS and 0 not in pids
+
+    # Counted once the request has finished on its worker: wait until two scrapes in a row agree.
+    readings: list[dict[str, float]] = []
+
+    def settled() -> bool:
+        readings.append(scrape(kit.admin).counters())
+        return len(readings) >= 2 and readings[-1] == readings[-2]
+
+    wait_for(settled, timeout=10, interval=0.2, what="settled counters")
+    by_worker: dict[int, list[Scrape]] = {}
+
+    def every_worker_answered() -> bool:
+        response = requests.get(kit.admin + "/_proxy/metrics", headers={"Connection": "close"}, timeout=5)
+        assert response.status_code == 200
+        pid = int(response.headers["X-Proxy-Worker"])
+        assert pid in pids, (pid, pids)
+        by_worker.setdefault(pid, []).append(scrape_text(response.text))
+        return len(by_worker) == WORKERS
+
+    wait_for(every_worker_answered, timeout=20, interval=0, what=f"scrapes answered by all {WORKERS} workers")
+    reference = readings[-1]
+    for pid, samples in by_worker.items():
+        for sample in samples:
+            assert sample.counters() == reference, pid
+            assert sample["llmproxy_workers"] == WORKERS, pid
+            assert sample["llmproxy_workers_configured"] == WORKERS, pid
+            assert sample["llmproxy_sync_interval_seconds"] == pytest.approx(0.02 * 60), pid
+            assert sample["llmproxy_table_tokens"] == 3, pid
+    print(f"scrapes per worker: { {pid: len(s) for pid, s in by_worker.items()} }")
+
+
+def scrape_text(text: str) -> Scrape:
+    """The same parse as tests.support.metrics.scrape, of a body already fetched."""
+    from tests.support import metrics
+
+    samples = Scrape()
+    samples.types = {}
+    for line in text.splitlines():
+        if not line or line.startswith("# HELP "):
+            continue
+        if line.startswith("#"):
+            match = metrics._TYPE.match(line)
+            assert match, line
+            samples.types[match.group(1)] = match.group(2)
+            continue
+        match = metrics._SAMPLE.match(line)
+        assert match, line
+        samples[match.group(1) + (match.group(2) or "")] = float(match.group(3))
+    return samples
+
+
+def test_admin_listen_addr_on_the_public_port_stops_start_up(tmp_path):
+    port = free_port()
+    code, output = start_up_failure(
+        tmp_path, {"LISTEN_ADDR": f"127.0.0.1:{port}", "ADMIN_LISTEN_ADDR": f"127.0.0.1:{port}"}, "same.log"
+    )
+    assert code == 2, output
+    assert "ADMIN_LISTEN_ADDR" in output and "LISTEN_ADDR" in output
+    code, output = start_up_failure(tmp_path, {"ADMIN_LISTEN_ADDR": "localhost"}, "bad.log")
+    assert code == 2 and "ADMIN_LISTEN_ADDR='localhost'" in output, output
+
+
+def test_without_an_admin_address_the_public_port_serves_them_and_reserves_the_prefix(proxy, upstream):
+    """ADMIN_LISTEN_ADDR unset: today's behaviour (metrics and readyz on the public port); an
+    unknown /_proxy/ path is a 404 there too, never forwarded, even with a valid token."""
+    assert requests.get(proxy.url + "/_proxy/metrics", timeout=5).status_code == 200
+    assert requests.get(proxy.url + "/_proxy/readyz", timeout=5).json()["table_loaded"] is True
+    request_id = f"kit-reserved-{uuid.uuid4().hex[:12]}"
+    response = requests.post(
+        proxy.url + "/_proxy/v1/chat/completions",
+        headers={"Authorization": f"Bearer {CLIENT_TOKEN}", "X-Request-ID": request_id},
+        json={"model": "m"},
+        timeout=5,
+    )
+    _not_found(response)
+    assert response.json()["error"]["request_id"] == request_id
+    assert upstream.records_of(request_id) == []
+    assert "X-Proxy-Worker" not in response.headers
