@@ -1,15 +1,19 @@
 """The operator's files in deploy/ checked by the real tools: the alert rules by promtool (check
-and unit tests). Debian's prometheus package provides it (.ci/run installs it when missing).
+and unit tests), the Grafana dashboard's shape. Debian's prometheus package provides promtool
+(.ci/run installs it when missing). What they do against a running deployment is in
+test_operator_kit.py.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
 from pathlib import Path
 
 from tests.support.procs import REPO
+from tests.support.prometheus import DASHBOARD, dashboard_queries
 
 RULES_DIR = REPO / "deploy" / "prometheus"
 
@@ -63,3 +67,39 @@ def test_a_broken_rule_test_fails(tmp_path):
     result = _run([_tool("promtool"), "test", "rules", "alerts_test.yml"], tmp_path)
     assert result.returncode != 0
     assert "LLMProxyWorkersMissing" in result.stdout + result.stderr
+
+
+# ---------------------------------------------------------------------------- Grafana
+
+
+def test_dashboard_shape():
+    dashboard = json.loads(DASHBOARD.read_text())
+    assert [i["name"] for i in dashboard["__inputs"]] == ["DS_PROMETHEUS"]
+    assert dashboard["__inputs"][0]["pluginId"] == "prometheus"
+    datasource = {"type": "prometheus", "uid": "${DS_PROMETHEUS}"}
+    ids = [panel["id"] for panel in dashboard["panels"]]
+    assert len(ids) == len(set(ids))
+    for panel in dashboard["panels"]:
+        assert panel["datasource"] == datasource, panel["title"]
+        assert panel["targets"], panel["title"]
+        assert {"h", "w", "x", "y"} <= set(panel["gridPos"]), panel["title"]
+        for target in panel["targets"]:
+            assert target["datasource"] == datasource and target["expr"], panel["title"]
+    titles = " | ".join(panel["title"] for panel in dashboard["panels"])
+    for wanted in (
+        "status class",
+        "end reason",
+        "Time to first byte",
+        "duration",
+        "In flight",
+        "Usage tokens/min",
+        "Upstream errors",
+        "Rate-limited",
+        "table age",
+        "Tokens in the table",
+        "Syncer",
+        "Log lines dropped",
+    ):
+        assert wanted in titles, wanted
+    queries = dashboard_queries()
+    assert len(queries) == sum(len(p["targets"]) for p in dashboard["panels"]) + 1

@@ -1,9 +1,12 @@
-"""ADMIN_LISTEN_ADDR against a real deployment: scripts/run under supervisord with three workers,
-the local Redis of the limits, the fake backend and the session's fake upstream.
+"""ADMIN_LISTEN_ADDR and the Prometheus files against a real deployment: scripts/run under
+supervisord with three workers, the local Redis of the limits, the fake backend and the session's
+fake upstream; then Debian's prometheus scraping the admin address and evaluating every query of
+deploy/grafana/llm-token-proxy.json and every alert of deploy/prometheus/alerts.yml.
 """
 
 from __future__ import annotations
 
+import threading
 import uuid
 
 import pytest
@@ -11,6 +14,7 @@ import requests
 
 from tests.support.metrics import Scrape, scrape
 from tests.support.procs import free_port, start_up_failure, wait_for
+from tests.support.prometheus import Prometheus, dashboard_queries
 from tests.support.tables import CLIENT_TOKEN, OTHER_CLIENT_TOKEN
 from tests.test_deploy import Deployment, FakeBackend, backend_row, post
 
@@ -200,3 +204,125 @@ def test_without_an_admin_address_the_public_port_serves_them_and_reserves_the_p
     assert response.json()["error"]["request_id"] == request_id
     assert upstream.records_of(request_id) == []
     assert "X-Proxy-Worker" not in response.headers
+
+
+# ---------------------------------------------------------------------------- a real Prometheus
+
+
+def _traffic(kit: Kit) -> dict[str, int]:
+    """Some of everything the dashboard shows: JSON answers with usage, streams (two still running
+    while Prometheus scrapes), 429s of the per-token limit, 502s of an unreachable model API."""
+    statuses: dict[str, int] = {}
+    for _ in range(6):
+        status = post(kit.public, CLIENT_TOKEN).status_code
+        statuses[f"json {status}"] = statuses.get(f"json {status}", 0) + 1
+    for _ in range(4):
+        status = post(kit.public, OTHER_CLIENT_TOKEN).status_code
+        statuses[f"limited token {status}"] = statuses.get(f"limited token {status}", 0) + 1
+    for _ in range(2):
+        status = post(kit.public, DEAD_TOKEN).status_code
+        statuses[f"dead model {status}"] = statuses.get(f"dead model {status}", 0) + 1
+    for _ in range(3):
+        response = post(kit.public, CLIENT_TOKEN, fake="sse;events=5;interval=0.01;usage")
+        statuses[f"stream {response.status_code}"] = statuses.get(f"stream {response.status_code}", 0) + 1
+    return statuses
+
+
+def _long_stream(kit: Kit, done: threading.Event) -> None:
+    try:
+        with requests.post(
+            kit.public + "/chat/completions",
+            json={"model": "m", "stream": True},
+            headers={"Authorization": f"Bearer {CLIENT_TOKEN}", "X-Fake": "sse;events=60;interval=0.1"},
+            stream=True,
+            timeout=20,
+        ) as response:
+            for _ in response.iter_content(None):
+                if done.is_set():
+                    break
+    except requests.RequestException:
+        pass
+
+
+def _value(prometheus: Prometheus, expr: str) -> float:
+    result = prometheus.query(expr)
+    return float(result[0]["value"][1]) if result else 0.0
+
+
+def test_prometheus_evaluates_every_dashboard_query_and_alert(kit, tmp_path):
+    prometheus = Prometheus(tmp_path, kit.admin_address)
+    done = threading.Event()
+    streams = [threading.Thread(target=_long_stream, args=(kit, done), daemon=True) for _ in range(2)]
+    try:
+        wait_for(prometheus.scrapes_up, timeout=15, interval=0.2, what="Prometheus scraping the admin")
+        base = _value(prometheus, "sum(llmproxy_requests_total)")
+        statuses = _traffic(kit)
+        assert statuses["json 200"] == 6 and statuses["stream 200"] == 3, statuses
+        assert statuses["limited token 429"] == 2 and statuses["dead model 502"] == 2, statuses
+        for thread in streams:
+            thread.start()
+        # Every request counted, the two streams running, and at least 3 samples of every series
+        # of requests_total (those this traffic created too), so each rate has samples on both sides of it.
+        wait_for(
+            lambda: (
+                _value(prometheus, "sum(llmproxy_requests_total)") >= base + 15
+                and _value(prometheus, "sum(llmproxy_in_flight_streams)") >= 2
+                and _value(prometheus, "min(count_over_time(llmproxy_requests_total[30s]))") >= 3
+            ),
+            timeout=20,
+            interval=0.5,
+            what="the traffic and the two streams in Prometheus",
+        )
+        rules = prometheus.alert_rules()
+        assert len(rules) == 9, [rule["name"] for rule in rules]
+        queries = dashboard_queries() + [(f"alert {rule['name']}", rule["query"]) for rule in rules]
+        report: dict[str, str] = {}
+        for where, expr in queries:
+            result = prometheus.query(expr)  # raises with Prometheus's error on a bad query
+            values = [r["value"][1] for r in result]
+            numbers = [v for v in values if v not in ("NaN", "+Inf", "-Inf")]
+            report[where] = f"{len(numbers)} series" if numbers else ("NaN only" if values else "empty")
+        # Every rule was evaluated by Prometheus itself without error too.
+        wait_for(
+            lambda: all(rule["health"] == "ok" for rule in prometheus.alert_rules()),
+            timeout=10,
+            interval=0.5,
+            what="every alert rule evaluated with health ok",
+        )
+    finally:
+        done.set()
+        prometheus.stop()
+    print("\nqueries evaluated by Prometheus against the deployment:")
+    for where, outcome in report.items():
+        print(f"  {outcome:>10}  {where}")
+
+    def has_data(where: str) -> bool:
+        return report[where].endswith("series")
+
+    # What this traffic must fill (the others may be empty: no alert condition holds, no log line
+    # was dropped, and llmproxy_log_lines_dropped_total only exists with the log writer's counter).
+    for where in (
+        "panel 'Requests/s by status class' A",
+        "panel 'Requests/s by end reason' A",
+        "panel 'Time to first byte p50 / p99' A",
+        "panel 'Time to first byte p50 / p99' B",
+        "panel 'Request duration p50 / p99' A",
+        "panel 'Request duration p50 / p99' B",
+        "panel 'In flight: requests and streams' A",
+        "panel 'In flight: requests and streams' B",
+        "panel 'Usage tokens/min by model and kind' A",
+        "panel 'Upstream errors/s by kind' A",
+        "panel 'Rate-limited requests/s by limit' A",
+        "panel 'Token table age' A",
+        "panel 'Tokens in the table' A",
+        "panel 'Syncer: since last success' A",
+        "panel 'Syncer failures (1h)' A",
+        "panel 'Workers live / configured' A",
+        "panel 'Workers live / configured' B",
+        "variable instance",
+        # 2 of the 15 requests failed upstream: above the 5% threshold (the 5 m `for:` keeps it pending).
+        "alert LLMProxyUpstreamErrorRatio",
+    ):
+        assert has_data(where), (where, report[where])
+    for where in ("alert LLMProxyDown", "alert LLMProxyWorkersMissing", "alert LLMProxyLimiterRedisDown"):
+        assert report[where] == "empty", (where, report[where])
