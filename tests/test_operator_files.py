@@ -1,7 +1,8 @@
 """The operator's files in deploy/ checked by the real tools: the alert rules by promtool (check
-and unit tests), the Grafana dashboard's shape. Debian's prometheus package provides promtool
-(.ci/run installs it when missing). What they do against a running deployment is in
-test_operator_kit.py.
+and unit tests), the systemd unit by systemd-analyze, the Grafana dashboard's shape. Debian's
+prometheus and systemd packages provide the tools (.ci/run installs them when missing).
+
+What they do against a running deployment is in test_operator_kit.py.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from tests.support.procs import REPO
 from tests.support.prometheus import DASHBOARD, dashboard_queries
 
 RULES_DIR = REPO / "deploy" / "prometheus"
+UNIT = REPO / "deploy" / "systemd" / "llm-token-proxy.service"
+INSTALL_DIR = "/opt/llm-token-proxy"
 
 
 def _tool(name: str) -> str:
@@ -103,3 +106,62 @@ def test_dashboard_shape():
         assert wanted in titles, wanted
     queries = dashboard_queries()
     assert len(queries) == sum(len(p["targets"]) for p in dashboard["panels"]) + 1
+
+
+# ---------------------------------------------------------------------------- systemd
+
+
+def _unit_values(text: str) -> dict[str, str]:
+    values = {}
+    for line in text.splitlines():
+        if "=" in line and not line.startswith(("#", ";", "[")):
+            key, _, value = line.partition("=")
+            values[key.strip()] = value.strip()
+    return values
+
+
+def test_systemd_unit_verifies_when_pointed_at_this_checkout(tmp_path):
+    text = UNIT.read_text()
+    assert text.count(INSTALL_DIR) == 1  # one line to edit for another path
+    assert re.search(rf"^WorkingDirectory={re.escape(INSTALL_DIR)}$", text, re.MULTILINE)
+    copy = tmp_path / "llm-token-proxy.service"
+    # Only the checkout's path changes. The unit's user (llm-proxy) need not exist here:
+    # systemd-analyze verify does not resolve users (it only warns about special ones, e.g. nobody).
+    copy.write_text(text.replace(f"WorkingDirectory={INSTALL_DIR}", f"WorkingDirectory={REPO}"))
+    result = _run([_tool("systemd-analyze"), "verify", str(copy)], tmp_path)
+    output = (result.stdout + result.stderr).strip()
+    assert result.returncode == 0, output
+    assert output == "", output  # any warning about the unit fails
+
+
+def test_systemd_verify_catches_a_broken_unit(tmp_path):
+    """The check above can fail: a wrong ExecStart and a bad option are both reported."""
+    text = UNIT.read_text().replace(f"WorkingDirectory={INSTALL_DIR}", f"WorkingDirectory={REPO}")
+    copy = tmp_path / "llm-token-proxy.service"
+    copy.write_text(text.replace("ExecStart=/bin/bash", "ExecStart=/bin/no-such-bash") + "KillMode=bogus\n")
+    result = _run([_tool("systemd-analyze"), "verify", str(copy)], tmp_path)
+    assert result.returncode != 0 or (result.stdout + result.stderr).strip()
+
+
+def test_systemd_unit_settings_match_the_deployment():
+    values = _unit_values(UNIT.read_text())
+    assert values["ExecStart"] == "/bin/bash scripts/run"  # foreground, from WorkingDirectory
+    assert values["KillSignal"] == "SIGTERM"
+    assert values["KillMode"] == "mixed"  # SIGTERM to scripts/run only; it stops the rest in order
+    assert values["Restart"] == "on-failure"
+    assert values["NoNewPrivileges"] == "yes" and values["ProtectSystem"] == "full"
+    assert values["EnvironmentFile"].startswith("-")  # optional
+    assert values["User"] == "llm-proxy"
+    # LimitNOFILE = the launcher's default PROXY_MINFDS (supervisord's minfds needs that hard limit).
+    run = (REPO / "scripts" / "run").read_text()
+    minfds = re.search(r"PROXY_MINFDS:-(\d+)", run).group(1)
+    assert values["LimitNOFILE"] == minfds
+    # TimeoutStopSec above the longest orderly stop with the defaults: the workers' drain and
+    # supervisord's wait for them (PROXY_STOPWAITSECS = GRACEFUL_TIMEOUT + 10), then the syncer's
+    # and Redis's stopwaitsecs, one after the other.
+    graceful = int(re.search(r"GRACEFUL_TIMEOUT:-(\d+)", run).group(1))
+    margin = int(re.search(r"GRACEFUL_TIMEOUT%\.\*\} \+ (\d+)", run).group(1))
+    conf = (REPO / "supervisord.conf").read_text()
+    syncer_wait = int(re.search(r"\[program:syncer\][^\[]*?stopwaitsecs=(\d+)", conf).group(1))
+    redis_wait = int(re.search(r"stopwaitsecs=(\d+)", (REPO / "deploy" / "redis.conf").read_text()).group(1))
+    assert int(values["TimeoutStopSec"]) > graceful + margin + syncer_wait + redis_wait

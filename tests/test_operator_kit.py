@@ -6,6 +6,8 @@ deploy/grafana/llm-token-proxy.json and every alert of deploy/prometheus/alerts.
 
 from __future__ import annotations
 
+import re
+import signal
 import threading
 import uuid
 
@@ -13,10 +15,10 @@ import pytest
 import requests
 
 from tests.support.metrics import Scrape, scrape
-from tests.support.procs import free_port, start_up_failure, wait_for
+from tests.support.procs import REPO, free_port, start_up_failure, wait_for
 from tests.support.prometheus import Prometheus, dashboard_queries
 from tests.support.tables import CLIENT_TOKEN, OTHER_CLIENT_TOKEN
-from tests.test_deploy import Deployment, FakeBackend, backend_row, post
+from tests.test_deploy import Deployment, FakeBackend, backend_row, cmdline, pid_alive, post
 
 pytestmark = pytest.mark.deploy
 
@@ -326,3 +328,59 @@ def test_prometheus_evaluates_every_dashboard_query_and_alert(kit, tmp_path):
         assert has_data(where), (where, report[where])
     for where in ("alert LLMProxyDown", "alert LLMProxyWorkersMissing", "alert LLMProxyLimiterRedisDown"):
         assert report[where] == "empty", (where, report[where])
+
+
+# ---------------------------------------------------------------------------- systemd's stop, without systemd
+
+
+def test_sigterm_to_the_launcher_drains_and_exits_0_within_the_units_timeout(kit):
+    """What `systemctl stop` does with deploy/systemd/llm-token-proxy.service (KillMode=mixed,
+    KillSignal=SIGTERM): SIGTERM to the main process, scripts/run, and nothing else until
+    TimeoutStopSec. Streams in flight finish, every program stops, the launcher exits 0. Runs last
+    in this module: it stops the module's deployment."""
+    unit = (REPO / "deploy" / "systemd" / "llm-token-proxy.service").read_text()
+    timeout_stop = int(re.search(r"^TimeoutStopSec=(\d+)$", unit, re.MULTILINE).group(1))
+    dep = kit.dep
+    programs = dep.status()
+    pids = [pid for _, pid in programs.values() if pid]
+    assert len(pids) == len(PROGRAMS), programs
+    results: list[dict] = []
+    started = [threading.Event() for _ in range(2)]
+
+    def stream(index: int) -> None:
+        record: dict = {"events": [], "error": None}
+        results.append(record)
+        try:
+            with requests.post(
+                kit.public + "/chat/completions",
+                json={"model": "m", "stream": True},
+                headers={"Authorization": f"Bearer {CLIENT_TOKEN}", "X-Fake": "sse;events=20;interval=0.1"},
+                stream=True,
+                timeout=20,
+            ) as response:
+                record["status"] = response.status_code
+                for line in response.iter_lines(decode_unicode=True):
+                    if line.startswith("data: "):
+                        record["events"].append(line[6:])
+                        started[index].set()
+        except requests.RequestException as exc:
+            record["error"] = repr(exc)
+        finally:
+            started[index].set()
+
+    threads = [threading.Thread(target=stream, args=(i,), daemon=True) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    assert all(event.wait(10) for event in started), "a stream did not start"
+    dep.process.signal(signal.SIGTERM)  # the launcher's PID only, as systemd's KillMode=mixed
+    code = dep.process.wait(timeout=timeout_stop)
+    for thread in threads:
+        thread.join(timeout=10)
+    assert code == 0, dep.tail()
+    for record in results:
+        assert record["error"] is None and record["status"] == 200, record
+        assert record["events"][-1] == "[DONE]" and len(record["events"]) == 21, record["events"][-3:]
+    assert not any(pid_alive(pid) for pid in pids), {pid: cmdline(pid) for pid in pids if pid_alive(pid)}
+    stopped = [r for r in dep.records() if r.get("event") == "stopped"]
+    assert len([r for r in stopped if r.get("service") == "proxy"]) == WORKERS, stopped
+    assert all(r["drained"] is True for r in stopped if r.get("service") == "proxy"), stopped
