@@ -22,6 +22,7 @@ from gevent.event import Event  # noqa: E402
 from common.envparse import ConfigError, without_password  # noqa: E402
 from common.jsonlog import setup as setup_logging  # noqa: E402
 from proxyapp import create_app  # noqa: E402
+from proxyapp.admin import bind_admin_listener, start_admin_server  # noqa: E402
 from proxyapp.config import ProxyConfig  # noqa: E402
 from proxyapp.logs import write_access  # noqa: E402
 from proxyapp.logwriter import BufferedHandler, LogWriter  # noqa: E402
@@ -117,6 +118,7 @@ def serve(config: ProxyConfig, log_writer: LogWriter) -> int:
     config, app = build(config, log_writer)
     try:
         listener = bind_listener(config.listen_host, config.listen_port)
+        admin_listener = bind_admin_listener(config)  # ADMIN_LISTEN_ADDR, or None
     except OSError as exc:
         log.error("cannot listen", extra={"event": "listen_failed", "error": str(exc)})
         return 1
@@ -128,6 +130,7 @@ def serve(config: ProxyConfig, log_writer: LogWriter) -> int:
     gevent.signal_handler(signal.SIGTERM, stop.set)
     gevent.signal_handler(signal.SIGINT, stop.set)
     server.start()
+    start_admin_server(admin_listener, config, app)
     log.info(
         "listening",
         extra={

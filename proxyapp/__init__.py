@@ -12,7 +12,7 @@ from proxyapp.metrics import WorkerMetrics
 from proxyapp.routing import make_router
 from proxyapp.table_store import LimitSettings, TableStore
 from proxyapp.upstream import UpstreamClient, make_tls_context
-from proxyapp.views import ProxyFirst, register
+from proxyapp.views import OPERATIONAL_ENDPOINTS, PUBLIC_WITH_ADMIN, ProxyFirst, register
 
 
 def create_app(
@@ -29,7 +29,13 @@ def create_app(
         table_store = None
     upstream = upstream or make_upstream_client(config)
     limiter = Limiter.from_config(config)  # disabled (nothing limited) without LIMITS_REDIS_URL
-    metrics = WorkerMetrics(config.metrics_dir, store=table_store, limiter=limiter)
+    metrics = WorkerMetrics(
+        config.metrics_dir,
+        store=table_store,
+        limiter=limiter,
+        sync_interval_seconds=config.sync_interval_minutes * 60,
+        configured_workers=config.configured_workers,
+    )
     forwarder = Forwarder(config, make_router(config, table_store), upstream, metrics, limiter)
     metrics.in_flight = lambda: forwarder.in_flight
     app = Flask(__name__)
@@ -38,7 +44,8 @@ def create_app(
     app.extensions["proxy.forwarder"] = forwarder
     app.extensions["proxy.metrics"] = metrics
     app.extensions["proxy.limiter"] = limiter
-    register(app, forwarder, table_store, config.sync_interval_minutes, metrics)
+    operational = PUBLIC_WITH_ADMIN if config.admin_enabled else OPERATIONAL_ENDPOINTS
+    register(app, forwarder, table_store, config.sync_interval_minutes, metrics, operational=operational)
     app.wsgi_app = ProxyFirst(forwarder, app.wsgi_app)
     return app
 

@@ -50,11 +50,18 @@ class ProxyConfig:
     token_rpm: int = 0
     limits_redis_url: str = ""  # "" = no Redis: limits found in the table are not enforced
     limits_lease_seconds: float = 30.0
+    admin_listen_host: str = ""  # "" = no admin address: /_proxy/metrics and readyz on LISTEN_ADDR
+    admin_listen_port: int = 0
+    configured_workers: int = 0  # PROXY_WORKERS as the launcher set it; 0 = not known
 
     @property
     def limits_by_env(self) -> bool:
         """A default limit is configured (so every worker needs Redis to start)."""
         return bool(self.token_max_concurrency or self.token_rpm)
+
+    @property
+    def admin_enabled(self) -> bool:
+        return bool(self.admin_listen_host)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> ProxyConfig:
@@ -73,6 +80,7 @@ class ProxyConfig:
                     "a per-token limit needs LIMITS_REDIS_URL (the counts are shared by every worker "
                     "through Redis; scripts/run starts a local redis-server and sets it)",
                 )
+        admin_host, admin_port = _admin_addr(env, port)
         return cls(
             enable_token_routing=env.boolean("ENABLE_TOKEN_ROUTING", True),
             listen_host=host,
@@ -108,7 +116,25 @@ class ProxyConfig:
             token_rpm=token_rpm,
             limits_redis_url=limits_redis_url,
             limits_lease_seconds=env.number("LIMITS_LEASE_SECONDS", 30.0, minimum=1.0),
+            admin_listen_host=admin_host,
+            admin_listen_port=admin_port,
+            configured_workers=env.integer("PROXY_WORKERS", 0),
         )
+
+
+def _admin_addr(env: Env, listen_port: int) -> tuple[str, int]:
+    """ADMIN_LISTEN_ADDR: ("", 0) when unset. Its port must be fixed and differ from LISTEN_ADDR's:
+    the workers share it through SO_REUSEPORT, and on the public port the kernel would hand the
+    admin socket a share of the client connections."""
+    if not env.string("ADMIN_LISTEN_ADDR"):
+        return "", 0
+    host, port = env.listen_addr("ADMIN_LISTEN_ADDR", "")
+    value = env.string("ADMIN_LISTEN_ADDR")
+    if port == 0:
+        raise ConfigError("ADMIN_LISTEN_ADDR", value, "needs a fixed port (every worker listens on it)")
+    if port == listen_port:
+        raise ConfigError("ADMIN_LISTEN_ADDR", value, "must use another port than LISTEN_ADDR")
+    return host, port
 
 
 __all__ = ["ConfigError", "ProxyConfig"]

@@ -46,6 +46,7 @@ _UPSTREAM_ERROR_KIND = {
     "upstream_timeout": "timeout",
     "total_timeout": "total_timeout",
 }
+UPSTREAM_ERROR_KINDS = ("unreachable", "upstream_error", "timeout", "total_timeout")
 _CLIENT_GONE = ("client_gone", "client_send_timeout")
 
 
@@ -240,7 +241,16 @@ _TABLE_GAUGES = (
 class WorkerMetrics:
     """This worker's metrics (written into METRICS_DIR as they change) and the scrape registry."""
 
-    def __init__(self, directory: str, *, store=None, in_flight=lambda: 0, limiter=None) -> None:
+    def __init__(
+        self,
+        directory: str,
+        *,
+        store=None,
+        in_flight=lambda: 0,
+        limiter=None,
+        sync_interval_seconds: float = 0.0,
+        configured_workers: int = 0,
+    ) -> None:
         self.directory = directory
         self.store = store
         self.limiter = limiter if limiter is not None and limiter.enabled else None
@@ -249,6 +259,11 @@ class WorkerMetrics:
         _use_multiprocess_files(directory)
         for attribute, name, help_text, labels in _COUNTERS:
             setattr(self, attribute, Counter(name, help_text, labels, registry=None))
+        # Every kind at 0 from the start: a series that appears with its first error already counted
+        # is invisible to rate() and increase(), so the first failures after a start would never
+        # reach LLMProxyUpstreamErrorRatio (deploy/prometheus/alerts.yml).
+        for kind in UPSTREAM_ERROR_KINDS:
+            self.upstream_errors_total.labels(kind)
         for attribute, name, help_text in _HISTOGRAMS:
             histogram = Histogram(name, help_text, ("model",), registry=None, buckets=DURATION_BUCKETS)
             setattr(self, attribute, histogram)
@@ -262,6 +277,8 @@ class WorkerMetrics:
             registry=None,
         )
         self._websockets = 0
+        self._setting_gauges: list[Gauge] = []
+        self._settings(sync_interval_seconds if store is not None else 0.0, configured_workers)
         if store is not None:
             for attribute, name, help_text in _TABLE_GAUGES:
                 setattr(self, attribute, Gauge(name, help_text, registry=None, multiprocess_mode="livemax"))
@@ -305,6 +322,19 @@ class WorkerMetrics:
         self.registry.register(SyncerStatus(os.path.join(directory, "syncer.json")))
         self._refresher: gevent.Greenlet | None = None
         self.refresh()
+
+    def _settings(self, sync_interval_seconds: float, configured_workers: int) -> None:
+        """Configuration the alert rules compare with (deploy/prometheus/alerts.yml): a rule cannot
+        know SYNC_INTERVAL or PROXY_WORKERS otherwise. Every worker reads the same environment, so
+        the largest among live workers is that value; absent when not configured."""
+        for name, help_text, value in (
+            ("llmproxy_sync_interval_seconds", "SYNC_INTERVAL in seconds.", sync_interval_seconds),
+            ("llmproxy_workers_configured", "PROXY_WORKERS: workers started.", configured_workers),
+        ):
+            if value:
+                gauge = Gauge(name, help_text, registry=None, multiprocess_mode="livemax")
+                gauge.set(value)
+                self._setting_gauges.append(gauge)
 
     # -- the request path
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 
 from flask import Flask, Response, request
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, NotFound
 from werkzeug.routing import BaseConverter
 
 from proxyapp.errors import error_response
@@ -22,6 +23,10 @@ log = logging.getLogger("proxy.app")
 PROXIED_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
 _PROXIED = frozenset(PROXIED_METHODS)
 _OPERATIONAL = "/_proxy/"
+# Served by the public app unless ADMIN_LISTEN_ADDR moves metrics and readyz off it (admin.py).
+OPERATIONAL_ENDPOINTS = ("metrics", "healthz", "readyz")
+PUBLIC_WITH_ADMIN = ("healthz",)  # load balancers probe the public port; it reveals nothing
+Views = dict[str, Callable[[], Response]]
 
 
 class ProxyFirst:
@@ -65,19 +70,10 @@ def _json(payload: bytes, status: int, request_id: str, extra: dict | None = Non
     return Response(payload, status=status, mimetype="application/json", headers=headers)
 
 
-def register(
-    app: Flask,
-    forwarder: Forwarder,
-    store: TableStore | None,
-    sync_interval_minutes: float,
-    metrics: WorkerMetrics,
-) -> None:
-    app.url_map.converters["anypath"] = _AnyPath
-    app.url_map.strict_slashes = False
-    app.url_map.merge_slashes = False
-
-    def proxy(path: str):
-        return forwarder.handle(request.environ)
+def operational_views(
+    forwarder: Forwarder, store: TableStore | None, sync_interval_minutes: float, metrics: WorkerMetrics
+) -> Views:
+    """The ``/_proxy/<name>`` views by name, for the public app and the admin one (admin.py)."""
 
     def healthz():
         return _json(b'{"status": "ok"}', 200, _request_id())
@@ -106,9 +102,62 @@ def register(
     def prometheus():
         return Response(metrics.render(), status=200, content_type=CONTENT_TYPE)
 
-    app.add_url_rule("/_proxy/metrics", "metrics", prometheus, methods=["GET"])
-    app.add_url_rule("/_proxy/healthz", "healthz", healthz, methods=["GET"])
-    app.add_url_rule("/_proxy/readyz", "readyz", readyz, methods=["GET"])
+    return {"metrics": prometheus, "healthz": healthz, "readyz": readyz}
+
+
+def register_operational(app: Flask, views: Views, names: tuple[str, ...]) -> None:
+    """``GET /_proxy/<name>`` for each of ``names``; any other ``/_proxy/*`` path is a 404, never
+    proxied (the prefix is ours: an endpoint moved to the admin address must not reach an upstream)."""
+    app.url_map.converters["anypath"] = _AnyPath
+    for name in names:
+        app.add_url_rule(f"{_OPERATIONAL}{name}", name, views[name], methods=["GET"])
+
+    def reserved(rest: str):
+        raise NotFound()
+
+    app.add_url_rule(
+        _OPERATIONAL + "<anypath:rest>",
+        "operational_unknown",
+        reserved,
+        methods=PROXIED_METHODS,
+        provide_automatic_options=False,
+    )
+
+
+def register_errors(app: Flask) -> None:
+    """Every error of the app as the one JSON error shape, with an access line."""
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException):
+        return _logged_error(request.environ, exc.code or 500, _code_for(exc), exc.description or exc.name)
+
+    @app.errorhandler(Exception)
+    def unexpected_error(exc: Exception):
+        request_id = _request_id()
+        log.exception("unhandled error", extra={"event": "unhandled_error", "request_id": request_id})
+        return _logged_error(request.environ, 500, "internal_error", "Internal proxy error.", request_id)
+
+
+def register(
+    app: Flask,
+    forwarder: Forwarder,
+    store: TableStore | None,
+    sync_interval_minutes: float,
+    metrics: WorkerMetrics,
+    *,
+    operational: tuple[str, ...] = OPERATIONAL_ENDPOINTS,
+) -> None:
+    """The public app's routes: the ``operational`` endpoints (all of them unless an admin address
+    serves metrics and readyz) and the catch-all proxy view."""
+    app.url_map.converters["anypath"] = _AnyPath
+    app.url_map.strict_slashes = False
+    app.url_map.merge_slashes = False
+
+    def proxy(path: str):
+        return forwarder.handle(request.environ)
+
+    views = operational_views(forwarder, store, sync_interval_minutes, metrics)
+    register_operational(app, views, operational)
     app.add_url_rule(
         "/",
         "proxy_root",
@@ -128,15 +177,7 @@ def register(
     ):
         app.add_url_rule(rule, endpoint, proxy, defaults=defaults, methods=["GET"], websocket=True)
 
-    @app.errorhandler(HTTPException)
-    def http_error(exc: HTTPException):
-        return _logged_error(request.environ, exc.code or 500, _code_for(exc), exc.description or exc.name)
-
-    @app.errorhandler(Exception)
-    def unexpected_error(exc: Exception):
-        request_id = _request_id()
-        log.exception("unhandled error", extra={"event": "unhandled_error", "request_id": request_id})
-        return _logged_error(request.environ, 500, "internal_error", "Internal proxy error.", request_id)
+    register_errors(app)
 
 
 def _code_for(exc: HTTPException) -> str:

@@ -89,6 +89,7 @@ CONFIG_VARS = (
     "PROXY_REDIS_SERVER",
     "PROXY_REDIS_LOGFILE",
     "PROXY_REDIS_LOG_MAXBYTES",
+    "ADMIN_LISTEN_ADDR",
 )
 STATUS_LINE = re.compile(r"^(\S+)\s+([A-Z]+)\s*(?:pid (\d+),)?")
 PROGRAM_MARKERS = ("wsgi.py", "syncer", "demo", "supervisord", "redis-server")

@@ -228,3 +228,23 @@ def test_the_running_syncer_reports_through_the_workers_metrics(tmp_path, upstre
         if syncer is not None:
             syncer.stop()
         backend.stop()
+
+
+def test_settings_for_the_alert_rules_and_error_kinds_at_zero(proxy_factory, default_rows):
+    """SYNC_INTERVAL and PROXY_WORKERS as gauges (deploy/prometheus/alerts.yml compares with them),
+    and every upstream error kind exported at 0 before the first error (rate() misses the first
+    increase of a series that appears already counted)."""
+    proxy = proxy_factory(env={"SYNC_INTERVAL": "2.5", "PROXY_WORKERS": "3"}, rows=default_rows)
+    samples = scrape(proxy.url)
+    assert samples["llmproxy_sync_interval_seconds"] == 150
+    assert samples["llmproxy_workers_configured"] == 3
+    for kind in ("unreachable", "upstream_error", "timeout", "total_timeout"):
+        assert samples[f'llmproxy_upstream_errors_total{{kind="{kind}"}}'] == 0, kind
+    assert samples.types["llmproxy_workers_configured"] == "gauge"
+
+
+def test_no_workers_gauge_without_proxy_workers(proxy_factory, default_rows):
+    proxy = proxy_factory(env={"PROXY_WORKERS": ""}, rows=default_rows)
+    samples = scrape(proxy.url)
+    assert "llmproxy_workers_configured" not in samples
+    assert samples["llmproxy_sync_interval_seconds"] == 600  # SYNC_INTERVAL's default, 10 minutes
