@@ -43,6 +43,7 @@ class ProxyConfig:
     max_client_connections: int = 10000
     sse_keepalive_seconds: float = 0.0
     websocket_idle_timeout: float = 600.0  # a WebSocket session with no byte either way is cut
+    stream_usage: str = "passthrough"  # or "request": streams asked for usage (proxyapp.stream_usage)
     metrics_dir: str = ""
     token_max_concurrency: int = 0  # default per-token limits; 0 = unlimited
     token_rpm: int = 0
@@ -100,6 +101,9 @@ class ProxyConfig:
             max_client_connections=env.integer("MAX_CLIENT_CONNECTIONS", 10000, minimum=1),
             sse_keepalive_seconds=env.number("SSE_KEEPALIVE_SECONDS", 0.0),
             websocket_idle_timeout=env.number("WEBSOCKET_IDLE_TIMEOUT", 600.0, allow_zero=False),
+            stream_usage=env.choice(
+                "STREAM_USAGE", "passthrough", {"passthrough": "passthrough", "request": "request"}
+            ),
             metrics_dir=metrics_dir(env, token_file),
             token_max_concurrency=token_max_concurrency,
             token_rpm=token_rpm,

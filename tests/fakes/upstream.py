@@ -18,6 +18,9 @@ anything else ``json``. Options (unknown ones are ignored; a flag may also be wr
   comment         sse: send ": ping" comments half-way between events
   usage           sse: usage chunk before [DONE] (also when the request has stream_options.include_usage)
   nodone          sse: no usage chunk and no "data: [DONE]"
+                  (with stream_options.include_usage every other chunk has "usage": null, as OpenAI's)
+  nostreamopts    400 with a JSON error body to a request whose JSON body has "stream_options"
+                  (some OpenAI-compatible servers refuse it)
   crlf            sse: end events with CRLF CRLF instead of LF LF
   framing=F       chunked | length | close (json, echo, errors: length; sse: chunked; gzip: length)
   gzip            gzip the body, Content-Encoding: gzip (sse streams with a sync flush per event)
@@ -677,6 +680,8 @@ class Connection:
             return self.send_body(
                 req, fake, status, "text/plain; charset=utf-8", b"redirect\n", [("Location", location)]
             )
+        if fake.flag("nostreamopts") and "stream_options" in body_json:
+            status = 400
         if status in (204, 304):
             return self.send_bodyless(req, fake, status)
         if status >= 300:
@@ -769,9 +774,8 @@ class Connection:
         comment = fake.flag("comment")
         nodone = fake.flag("nodone")
         stream_options = body_json.get("stream_options")
-        usage = fake.flag("usage") or (
-            isinstance(stream_options, dict) and stream_options.get("include_usage") is True
-        )
+        asked = isinstance(stream_options, dict) and stream_options.get("include_usage") is True
+        usage = fake.flag("usage") or asked
         eol = b"\r\n\r\n" if fake.flag("crlf") else b"\n\n"
         gz = fake.flag("gzip")
         framing = fake.framing("chunked", req)
@@ -825,6 +829,8 @@ class Connection:
                 finish = "stop" if i == events - 1 else None
                 choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
                 obj.update(choices=[choice], i=i, t_sent=t_sent)
+                if asked:
+                    obj["usage"] = None
             return b"data: " + json.dumps(obj).encode() + eol
 
         encoder = SseEncoder(framing == "chunked", gz, fake.flag("chunkext"), fake.flag("trailer"))
