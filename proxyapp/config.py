@@ -47,13 +47,14 @@ class ProxyConfig:
     metrics_dir: str = ""
     token_max_concurrency: int = 0  # default per-token limits; 0 = unlimited
     token_rpm: int = 0
+    token_tpm: int = 0
     limits_redis_url: str = ""  # "" = no Redis: limits found in the table are not enforced
     limits_lease_seconds: float = 30.0
 
     @property
     def limits_by_env(self) -> bool:
         """A default limit is configured (so every worker needs Redis to start)."""
-        return bool(self.token_max_concurrency or self.token_rpm)
+        return bool(self.token_max_concurrency or self.token_rpm or self.token_tpm)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> ProxyConfig:
@@ -63,8 +64,13 @@ class ProxyConfig:
         token_file = os.path.abspath(env.string("TOKEN_FILE", DEFAULT_TOKEN_FILE))
         token_max_concurrency = env.integer("TOKEN_MAX_CONCURRENCY", 0, maximum=MAX_LIMIT)
         token_rpm = env.integer("TOKEN_RPM", 0, maximum=MAX_LIMIT)
+        token_tpm = env.integer("TOKEN_TPM", 0, maximum=MAX_LIMIT)
         limits_redis_url = env.redis_url("LIMITS_REDIS_URL")
-        for name, value in (("TOKEN_MAX_CONCURRENCY", token_max_concurrency), ("TOKEN_RPM", token_rpm)):
+        for name, value in (
+            ("TOKEN_MAX_CONCURRENCY", token_max_concurrency),
+            ("TOKEN_RPM", token_rpm),
+            ("TOKEN_TPM", token_tpm),
+        ):
             if value and not limits_redis_url:
                 raise ConfigError(
                     name,
@@ -107,6 +113,7 @@ class ProxyConfig:
             metrics_dir=metrics_dir(env, token_file),
             token_max_concurrency=token_max_concurrency,
             token_rpm=token_rpm,
+            token_tpm=token_tpm,
             limits_redis_url=limits_redis_url,
             limits_lease_seconds=env.number("LIMITS_LEASE_SECONDS", 30.0, minimum=1.0),
         )

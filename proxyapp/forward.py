@@ -33,6 +33,7 @@ from proxyapp.logs import AccessRecord, write_access
 from proxyapp.routing import Credential, Decision, Rejection, Router
 from proxyapp.stream_usage import REQUEST, UsageChunkFilter, applies, stripped, with_include_usage
 from proxyapp.upstream import UpstreamClient, UpstreamError, body_chunks, describe_stream_error, open_upstream
+from proxyapp.usage import FIELDS as USAGE_FIELDS
 from proxyapp.usage import UsageMeter, request_fields
 from proxyapp.watchdog import Watchdog
 from proxyapp.websocket import (
@@ -46,10 +47,18 @@ from proxyapp.websocket import (
     upstream_handshake_headers,
 )
 
-_RATELIMIT_HEADERS = frozenset({"x-ratelimit-limit-requests", "x-ratelimit-remaining-requests"})
+_RATELIMIT_HEADERS = frozenset(
+    {
+        "x-ratelimit-limit-requests",
+        "x-ratelimit-remaining-requests",
+        "x-ratelimit-limit-tokens",
+        "x-ratelimit-remaining-tokens",
+    }
+)
 _STREAM_ERRORS = (urllib3.exceptions.HTTPError, OSError, http.client.HTTPException, ValueError)
 _SWITCHING = "101 Switching Protocols"
 _IDENTITY = (None, "", "identity")
+_NO_USAGE = dict.fromkeys(USAGE_FIELDS)
 log = logging.getLogger("proxy.forward")
 _now = time.perf_counter
 _monotonic = time.monotonic
@@ -263,8 +272,9 @@ class Exchange:
         headers = upstream_request_headers(
             self.client, self.decision.auth_header, head.client_ip, head.request_id, head.method, body
         )
-        if body is not self.record.request_body:  # include_usage added: the chunk is removed from
-            forwarded = self.client.forward.get("accept-encoding")  # bytes we can read, not gzip
+        if body is not self.record.request_body:
+            # include_usage added: its chunk is removed from the stream, which must come unencoded.
+            forwarded = self.client.forward.get("accept-encoding")
             headers[forwarded[0] if forwarded else "Accept-Encoding"] = "identity"
         return headers
 
@@ -443,6 +453,8 @@ class Exchange:
         if meter is not None:
             meter.finish()  # what was counted so far, also when the client left early
             record.usage = meter.result()
+        if self.admission.tpm_key:
+            self._count_tokens()
         if record.request_body:  # read here, not before forwarding: it never delays the upstream call
             record.model, record.stream = request_fields(
                 record.request_body, self.client.value("content-type")
@@ -457,6 +469,20 @@ class Exchange:
                 else:
                     metrics.in_flight_streams -= 1
             metrics.observe(record)
+
+    def _count_tokens(self) -> None:
+        """A TPM-limited request that the upstream answered: its usage total, or the estimate
+        (request + response body bytes) / 4 when the upstream reported none (marked)."""
+        record = self.record
+        if record.upstream_at is None or record.status >= 400:
+            return  # nothing generated (an error answer, or the upstream never answered)
+        usage = record.usage
+        tokens = usage.get("total_tokens") if usage else None
+        if tokens is None:
+            tokens = (len(record.request_body) + record.response_bytes) // 4
+            record.usage = {**(usage or _NO_USAGE), "total_tokens": tokens}
+            record.usage_estimated = True
+        self.fw.limiter.count(self.admission, tokens)
 
     def _error(
         self,
