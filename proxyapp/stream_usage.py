@@ -28,6 +28,8 @@ _INCLUDE = '"include_usage":true'
 
 # The usage-only chunk's marker, in the spacings upstreams write (compact, and Python's default).
 _EMPTY_CHOICES = (b'"choices":[]', b'"choices": []')
+_USAGE_OBJECT = (b'"usage":{', b'"usage": {')
+_EVENT_ENDS = (b"\n\n", b"\r\n\r\n")
 # A blank line (an SSE event's end): two line ends, each CRLF, LF, or a CR not followed by LF.
 _BOUNDARY = re.compile(rb"(?:\r\n|\r(?!\n)|\n){2}")
 _CHOICES_VALUE = re.compile(rb'"choices"\s*:\s*\[\s*(.)', re.S)
@@ -99,15 +101,12 @@ def _top_level_members(text: str) -> dict[str, tuple[object, int, int]] | None:
 
 
 def is_usage_only(event: bytes) -> bool:
-    """An SSE event whose data is a chunk with ``"choices": []`` and a ``usage`` object."""
-    data = [line[5:] for line in event.splitlines() if line.startswith(b"data:")]
-    if not data:
-        return False
-    try:
-        obj = json.loads(b"\n".join(data))
-    except (ValueError, RecursionError):
-        return False
-    return isinstance(obj, dict) and obj.get("choices") == [] and isinstance(obj.get("usage"), dict)
+    """An SSE event whose data is a chunk with ``"choices": []`` and a ``usage`` object. Judged on
+    the bytes (a key inside a JSON string is escaped, so these are keys): the meter parses the
+    same event right after, once is enough."""
+    return (_EMPTY_CHOICES[0] in event or _EMPTY_CHOICES[1] in event) and (
+        _USAGE_OBJECT[0] in event or _USAGE_OBJECT[1] in event
+    )
 
 
 def _not_usage_only(partial: bytes) -> bool:
@@ -119,32 +118,30 @@ def _not_usage_only(partial: bytes) -> bool:
 class UsageChunkFilter:
     """Fed the upstream's (identity-encoded) event-stream bytes, returns what the client gets."""
 
-    __slots__ = ("_ctx", "_eat_lf", "_held", "_passing", "removed")
+    __slots__ = ("_ctx", "_eat_lf", "_held", "_passing", "_quiet", "removed")
 
     def __init__(self) -> None:
         self._held = b""  # the start of the current event, not sent: it may be the usage chunk
         self._passing = False  # the current event's start was sent: the rest of it follows
         self._ctx = b""  # the stream's last bytes before the current data (a split blank line)
         self._eat_lf = False  # a removed event ended with CR at the end of a read: its LF follows
+        self._quiet = True  # none of the three above: the stream stands between two events
         self.removed = 0
 
-    def feed(self, chunk: bytes) -> bytes:
+    def feed(self, chunk: bytes, _ends=_EVENT_ENDS, _empty=_EMPTY_CHOICES) -> bytes:
+        if self._quiet and chunk.endswith(_ends) and _empty[0] not in chunk and _empty[1] not in chunk:
+            self._ctx = b"\n\n"  # what ended before the next read: a blank line
+            return chunk  # whole events, none of them the usage chunk: the common case
         if self._eat_lf and chunk:
             self._eat_lf = False
             if chunk[:1] == b"\n":
                 chunk = chunk[1:]
                 if not chunk:
+                    self._quiet = not self._held and not self._passing
                     return b""
-        if (
-            not self._held
-            and not self._passing
-            and (chunk[-2:] == b"\n\n" or chunk[-4:] == b"\r\n\r\n")
-            and _EMPTY_CHOICES[0] not in chunk
-            and _EMPTY_CHOICES[1] not in chunk
-        ):
-            self._ctx = chunk[-3:]
-            return chunk  # whole events, none of them the usage chunk: the common case
-        return self._slow(chunk)
+        out = self._slow(chunk)
+        self._quiet = not self._held and not self._passing and not self._eat_lf
+        return out
 
     def flush(self) -> bytes:
         """At the end of the body: what is still held goes out (a stream cut inside an event)."""
@@ -166,7 +163,7 @@ class UsageChunkFilter:
             if self._passing:
                 self._passing = False
                 out.append(event)
-            elif (_EMPTY_CHOICES[0] in event or _EMPTY_CHOICES[1] in event) and is_usage_only(event):
+            elif is_usage_only(event):
                 self.removed += 1
                 self._eat_lf = end == len(data) and event[-1:] == b"\r"
             else:
