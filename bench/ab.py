@@ -53,12 +53,22 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--interval-ms", type=int, default=50)
     parser.add_argument("--ramp-ms", type=int, default=2000)
     parser.add_argument("--tls", action="store_true", help="an HTTPS upstream (certificates made here)")
+    parser.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="set for this checkout's worker only (repeatable); with OTHER = . the same code A/B'd on "
+        "a setting, e.g. --env STREAM_USAGE=request",
+    )
     return parser.parse_args(argv)
 
 
-def measure(layout, box, workdir: Path, upstream: Upstream, tables: Tables, repo: Path, shape: dict) -> dict:
+def measure(
+    layout, box, workdir: Path, upstream: Upstream, tables: Tables, repo: Path, shape: dict, env: dict
+) -> dict:
     home = Path(tempfile.mkdtemp(prefix="peer-", dir=workdir))
-    peer = ProxyOneWorker(layout, home, tables, TABLE_SIZE, tls=upstream.tls, repo=repo)
+    peer = ProxyOneWorker(layout, home, tables, TABLE_SIZE, tls=upstream.tls, repo=repo, extra_env=env)
     try:
         meter = Meter(peer, [], upstream)
         out = load.run_sseload(box, layout, peer.url, BENCH_TOKEN, rounds=1, **shape)
@@ -99,6 +109,9 @@ def report(names: list[str], results: dict[str, list[dict]]) -> str:
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     other = args.other.resolve()
+    if any("=" not in item for item in args.env):
+        print(f"--env takes NAME=VALUE: {args.env}", file=sys.stderr)
+        return 2
     if not (other / "wsgi.py").exists():
         print(f"{other}: no wsgi.py there (a checkout of this project?)", file=sys.stderr)
         return 2
@@ -121,11 +134,13 @@ def main(argv: list[str]) -> int:
             "interval_ms": args.interval_ms,
             "ramp_ms": args.ramp_ms,
         }
-        names = [f"other ({other.name})", f"this ({REPO.name})"]  # distinct even if the names are not
+        this_env = dict(item.split("=", 1) for item in args.env)
+        label = " ".join(args.env)
+        names = [f"other ({other.name})", f"this ({REPO.name}{', ' + label if label else ''})"]
         results: dict[str, list[dict]] = {name: [] for name in names}
         for run in range(1, args.runs + 1):
-            for name, repo in zip(names, (other, REPO), strict=True):
-                figures = measure(layout, box, workdir, upstream, tables, repo, shape)
+            for name, repo, env in zip(names, (other, REPO), ({}, this_env), strict=True):
+                figures = measure(layout, box, workdir, upstream, tables, repo, shape, env)
                 results[name].append(figures)
                 say(
                     f"run {run}/{args.runs} {name}: {figures['cpu_per_stream_us']:,.0f} µs CPU per stream, "
