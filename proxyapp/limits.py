@@ -211,7 +211,7 @@ class TokenLimits:
     header_limit: str  # x-ratelimit-limit-requests: the rpm limit if set, else max_concurrency
     packed: bytes  # the EVALSHA command up to the per-request arguments, in the wire format
     tpm: int = 0
-    tpm_key: str = ""
+    tpm_key: str = ""  # "" when tpm is 0: nothing to count
 
     @classmethod
     def build(cls, max_concurrency: int, rpm: int, key_id: str, tpm: int = 0) -> TokenLimits:
@@ -220,7 +220,9 @@ class TokenLimits:
         tpm_key = f"{KEY_PREFIX}{{{key_id}}}:tpm"
         args, header_limit = _packed_limits(max_concurrency, rpm, tpm)
         packed = _PACKED_HEAD + b"".join(_bulk(key) for key in (conc_key, rpm_key, tpm_key)) + args
-        return cls(max_concurrency, rpm, key_id, (conc_key, rpm_key), header_limit, packed, tpm, tpm_key)
+        # KEYS[3] of every EVALSHA, but only a token with a TPM limit has its tokens counted.
+        counted = tpm_key if tpm else ""
+        return cls(max_concurrency, rpm, key_id, (conc_key, rpm_key), header_limit, packed, tpm, counted)
 
 
 def effective_limits(

@@ -6,6 +6,7 @@ next admission it relies on."""
 from __future__ import annotations
 
 import json
+import time
 import uuid
 
 import pytest
@@ -232,3 +233,16 @@ def test_a_websocket_session_counts_the_usage_of_its_response_done_events(
         assert json.loads(refused.value.response.body)["error"]["code"] == "token_tpm_limit"
     finally:
         fake.process.stop()
+
+
+def test_a_token_without_a_tpm_limit_counts_no_tokens(proxy_factory, upstream, redis_server, counted):
+    proxy = proxy_factory(env_for(redis_server, TOKEN_RPM="1000"), rows_for(upstream))
+    body = b'{"model": "m-tpm", "stream": true}'
+    request_id, response = post(proxy, "sse;events=2;interval=0.01", body)
+    assert response.status_code == 200 and token_headers(response) == (None, None)
+    line = proxy.access_line(request_id)
+    assert line["usage_estimated"] is False and line["total_tokens"] is None  # nothing invented
+    time.sleep(0.5)  # the background flush would have sent a count by now
+    stats = counted.client.info("commandstats")
+    assert stats.get("cmdstat_evalsha", {}).get("calls") == 1  # the admission only
+    assert counted.client.exists(TPM_KEY) == 0
