@@ -224,8 +224,10 @@ class Exchange:
             else:
                 response = self._open(target, headers, asked)
                 if response.raw.status == 400:  # nothing sent to the client yet: once, unchanged
-                    self._usage_refused(upstream.origin, response)
+                    _discard(response)
                     response = self._open(target, self._upstream_headers(body), body)
+                    if response.raw.status != 400:  # the change was what it refused
+                        self._usage_refused(upstream.origin)
                 else:
                     self.strip_usage = True
         except UpstreamError as err:
@@ -292,12 +294,7 @@ class Exchange:
             origin,
         )
 
-    def _usage_refused(self, origin: str, response) -> None:
-        try:
-            response.raw.close()  # a small error body: a new connection costs less than reading it
-            response.raw.release_conn()
-        except Exception:
-            pass
+    def _usage_refused(self, origin: str) -> None:
         refused = self.fw.usage_refused
         if origin not in refused:
             refused.add(origin)
@@ -511,6 +508,14 @@ class Exchange:
         self.record.end_reason = reason
         self.finish()
         return AbortConnection()
+
+
+def _discard(response) -> None:
+    try:
+        response.raw.close()  # a small error body: a new connection costs less than reading it
+        response.raw.release_conn()
+    except Exception:
+        pass
 
 
 def _declares_body(headers) -> bool:

@@ -159,3 +159,13 @@ def test_an_upstream_refusing_stream_options_is_retried_once_then_never_asked(
         assert warnings[0]["level"].lower() == "warning"
     finally:
         fake.process.stop()
+
+
+def test_a_400_that_is_not_about_stream_options_is_answered_and_the_origin_still_asked(su, upstream):
+    # Both the changed body and the client's own get 400: the change was not the cause.
+    for _ in range(2):
+        request_id, response = post(su, BODY, "sse;status=400")
+        assert response.status_code == 400 and response.json()["error"]["message"] == "fake error"
+        assert sent_bodies(upstream, request_id) == [BODY[:-1] + ADDED + b"}", BODY]
+        su.access_line(request_id)
+    assert not [r for r in su.process.json_lines() if r.get("event") == "stream_usage_refused"]
