@@ -169,3 +169,23 @@ def test_a_400_that_is_not_about_stream_options_is_answered_and_the_origin_still
         assert sent_bodies(upstream, request_id) == [BODY[:-1] + ADDED + b"}", BODY]
         su.access_line(request_id)
     assert not [r for r in su.process.json_lines() if r.get("event") == "stream_usage_refused"]
+
+
+def test_an_upstream_that_encodes_anyway_is_passed_through_unchanged(su, upstream):
+    # Asked for identity, it gzips all the same: the bytes cannot be edited, so they go unchanged
+    # (the usage chunk included) and the meter still counts them.
+    request_id = uuid.uuid4().hex
+    response = requests.post(
+        su.url + "/chat/completions",
+        data=BODY,
+        headers={
+            "Authorization": f"Bearer {CLIENT_TOKEN}",
+            "X-Fake": "sse;events=2;interval=0.01;gzip",
+            "X-Request-ID": request_id,
+            "Content-Type": "application/json",
+        },
+        timeout=10,
+    )
+    assert response.headers["Content-Encoding"] == "gzip"
+    assert len(usage_chunks(events_of(response.content))) == 1  # requests decoded it
+    assert su.access_line(request_id)["total_tokens"] == 33
