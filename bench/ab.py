@@ -79,6 +79,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "(scripts/run -d, 1 worker, supervisord writing the logs) with supervisord stopped for 3 s "
         "under streams and small requests (bench/logstall.py), or under the `small` load",
     )
+    parser.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="set for this checkout's worker only (repeatable); with OTHER = . the same code A/B'd on "
+        "a setting, e.g. --env STREAM_USAGE=request",
+    )
     return parser.parse_args(argv)
 
 
@@ -102,9 +110,11 @@ def measure_deployed(
         peer.stop()
 
 
-def measure(layout, box, workdir: Path, upstream: Upstream, tables: Tables, repo: Path, shape: dict) -> dict:
+def measure(
+    layout, box, workdir: Path, upstream: Upstream, tables: Tables, repo: Path, shape: dict, env: dict
+) -> dict:
     home = Path(tempfile.mkdtemp(prefix="peer-", dir=workdir))
-    peer = ProxyOneWorker(layout, home, tables, TABLE_SIZE, tls=upstream.tls, repo=repo)
+    peer = ProxyOneWorker(layout, home, tables, TABLE_SIZE, tls=upstream.tls, repo=repo, extra_env=env)
     try:
         meter = Meter(peer, [], upstream)
         out = load.run_sseload(box, layout, peer.url, BENCH_TOKEN, rounds=1, **shape)
@@ -149,6 +159,9 @@ def _brief(figures: dict, keys) -> str:
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     other = args.other.resolve()
+    if any("=" not in item for item in args.env):
+        print(f"--env takes NAME=VALUE: {args.env}", file=sys.stderr)
+        return 2
     if not (other / "wsgi.py").exists():
         print(f"{other}: no wsgi.py there (a checkout of this project?)", file=sys.stderr)
         return 2
@@ -171,16 +184,18 @@ def main(argv: list[str]) -> int:
             "interval_ms": args.interval_ms,
             "ramp_ms": args.ramp_ms,
         }
-        names = [f"other ({other.name})", f"this ({REPO.name})"]  # distinct even if the names are not
+        this_env = dict(item.split("=", 1) for item in args.env)
+        label = " ".join(args.env)
+        names = [f"other ({other.name})", f"this ({REPO.name}{', ' + label if label else ''})"]
         results: dict[str, list[dict]] = {name: [] for name in names}
         for run in range(1, args.runs + 1):
-            for name, repo in zip(names, (other, REPO), strict=True):
+            for name, repo, env in zip(names, (other, REPO), ({}, this_env), strict=True):
                 if args.shape != "streams":
                     figures = measure_deployed(layout, box, workdir, upstream, tables, repo, args.shape)
                     results[name].append(figures)
                     say(f"run {run}/{args.runs} {name}: " + _brief(figures, FIGURES[args.shape]))
                     continue
-                figures = measure(layout, box, workdir, upstream, tables, repo, shape)
+                figures = measure(layout, box, workdir, upstream, tables, repo, shape, env)
                 results[name].append(figures)
                 say(
                     f"run {run}/{args.runs} {name}: {figures['cpu_per_stream_us']:,.0f} µs CPU per stream, "

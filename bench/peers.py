@@ -527,14 +527,23 @@ class ProxyOneWorkerLimits(ProxyOneWorker):
         redis: RedisServer,
         max_concurrency: int,
         rpm: int,
+        tpm: int = 0,
     ) -> None:
         self.redis = redis
         limits = {
             "TOKEN_MAX_CONCURRENCY": str(max_concurrency),
             "TOKEN_RPM": str(rpm),
+            "TOKEN_TPM": str(tpm),
             "LIMITS_REDIS_URL": redis.url,
         }
         super().__init__(layout, workdir, tables, table_size, extra_env=limits)
+
+
+class ProxyOneWorkerLimitsTpm(ProxyOneWorkerLimits):
+    """Limits on with TOKEN_TPM too (issue 20): the same admission round trip reads the token
+    window, and each request's tokens go to Redis at its end in the background pipeline."""
+
+    key, name, label = "c+t", "proxy1-limits-tpm", "proxy, 1 worker, limits on + TPM"
 
 
 class ProxySupervised(Peer):

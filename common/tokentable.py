@@ -5,9 +5,9 @@ Format (UTF-8 JSON, indent 2, sorted keys, so operators can read it and ``jq`` i
     {"format": 1, "generated_at": "...Z", "source": "<backend URL>",
      "tokens": {"<client token>": {"token_id", "token_expire_at", "ai_model_id", "ai_model_name",
                                    "ai_model_api_url", "ai_model_api_key",
-                                   ["token_max_concurrency"], ["token_rpm"]}}}
+                                   ["token_max_concurrency"], ["token_rpm"], ["token_tpm"]}}}
 
-The two per-token limits are optional (null or absent = the deployment's default; 0 = unlimited
+The three per-token limits are optional (null or absent = the deployment's default; 0 = unlimited
 for this token) and written only when set, so a file without them is the same format 1.
 
 The file holds only active rows. It is always replaced whole (temp file in the same directory,
@@ -38,7 +38,7 @@ ROW_FIELDS = (
     "token_expire_at",
     "token_id",
 )
-LIMIT_FIELDS = ("token_max_concurrency", "token_rpm")  # optional; written only when not null
+LIMIT_FIELDS = ("token_max_concurrency", "token_rpm", "token_tpm")  # optional; written only when not null
 MAX_LIMIT = 1_000_000_000
 _TEMP_SUFFIX = ".tmp"
 _SPACE_OR_CONTROL = re.compile(r"[\x00-\x20\x7f]").search
@@ -62,6 +62,7 @@ class TokenRow:
     expires_at: float | None  # token_expire_at as epoch seconds; derived, not written
     token_max_concurrency: int | None = None  # None = the default (TOKEN_MAX_CONCURRENCY)
     token_rpm: int | None = None  # None = the default (TOKEN_RPM)
+    token_tpm: int | None = None  # None = the default (TOKEN_TPM)
 
     def to_json(self) -> dict[str, Any]:
         document = {name: getattr(self, name) for name in ROW_FIELDS}
@@ -69,6 +70,8 @@ class TokenRow:
             document["token_max_concurrency"] = self.token_max_concurrency
         if self.token_rpm is not None:
             document["token_rpm"] = self.token_rpm
+        if self.token_tpm is not None:
+            document["token_tpm"] = self.token_tpm
         return document
 
 
@@ -200,6 +203,7 @@ class RowMaker:
             expires_at=expires_at,
             token_max_concurrency=check_limit("token_max_concurrency", row.get("token_max_concurrency")),
             token_rpm=check_limit("token_rpm", row.get("token_rpm")),
+            token_tpm=check_limit("token_tpm", row.get("token_tpm")),
         )
 
 
@@ -344,12 +348,14 @@ def _dump_row(row: TokenRow) -> str:
 
 
 def _dump_limits(row: TokenRow) -> str:
-    # Sorted after token_id ("token_i" < "token_m" < "token_r"); absent when null.
+    # Sorted after token_id ("token_i" < "token_m" < "token_r" < "token_t"); absent when null.
     text = ""
     if row.token_max_concurrency is not None:
         text += f',\n      "token_max_concurrency": {int.__repr__(row.token_max_concurrency)}'
     if row.token_rpm is not None:
         text += f',\n      "token_rpm": {int.__repr__(row.token_rpm)}'
+    if row.token_tpm is not None:
+        text += f',\n      "token_tpm": {int.__repr__(row.token_tpm)}'
     return text
 
 

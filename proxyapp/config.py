@@ -45,9 +45,11 @@ class ProxyConfig:
     max_client_connections: int = 10000
     sse_keepalive_seconds: float = 0.0
     websocket_idle_timeout: float = 600.0  # a WebSocket session with no byte either way is cut
+    stream_usage: str = "passthrough"  # or "request": streams asked for usage (proxyapp.stream_usage)
     metrics_dir: str = ""
     token_max_concurrency: int = 0  # default per-token limits; 0 = unlimited
     token_rpm: int = 0
+    token_tpm: int = 0
     limits_redis_url: str = ""  # "" = no Redis: limits found in the table are not enforced
     limits_lease_seconds: float = 30.0
     admin_listen_host: str = ""  # "" = no admin address: /_proxy/metrics and readyz on LISTEN_ADDR
@@ -57,7 +59,7 @@ class ProxyConfig:
     @property
     def limits_by_env(self) -> bool:
         """A default limit is configured (so every worker needs Redis to start)."""
-        return bool(self.token_max_concurrency or self.token_rpm)
+        return bool(self.token_max_concurrency or self.token_rpm or self.token_tpm)
 
     @property
     def admin_enabled(self) -> bool:
@@ -71,8 +73,13 @@ class ProxyConfig:
         token_file = os.path.abspath(env.string("TOKEN_FILE", DEFAULT_TOKEN_FILE))
         token_max_concurrency = env.integer("TOKEN_MAX_CONCURRENCY", 0, maximum=MAX_LIMIT)
         token_rpm = env.integer("TOKEN_RPM", 0, maximum=MAX_LIMIT)
+        token_tpm = env.integer("TOKEN_TPM", 0, maximum=MAX_LIMIT)
         limits_redis_url = env.redis_url("LIMITS_REDIS_URL")
-        for name, value in (("TOKEN_MAX_CONCURRENCY", token_max_concurrency), ("TOKEN_RPM", token_rpm)):
+        for name, value in (
+            ("TOKEN_MAX_CONCURRENCY", token_max_concurrency),
+            ("TOKEN_RPM", token_rpm),
+            ("TOKEN_TPM", token_tpm),
+        ):
             if value and not limits_redis_url:
                 raise ConfigError(
                     name,
@@ -111,9 +118,13 @@ class ProxyConfig:
             max_client_connections=env.integer("MAX_CLIENT_CONNECTIONS", 10000, minimum=1),
             sse_keepalive_seconds=env.number("SSE_KEEPALIVE_SECONDS", 0.0),
             websocket_idle_timeout=env.number("WEBSOCKET_IDLE_TIMEOUT", 600.0, allow_zero=False),
+            stream_usage=env.choice(
+                "STREAM_USAGE", "passthrough", {"passthrough": "passthrough", "request": "request"}
+            ),
             metrics_dir=metrics_dir(env, token_file),
             token_max_concurrency=token_max_concurrency,
             token_rpm=token_rpm,
+            token_tpm=token_tpm,
             limits_redis_url=limits_redis_url,
             limits_lease_seconds=env.number("LIMITS_LEASE_SECONDS", 30.0, minimum=1.0),
             admin_listen_host=admin_host,

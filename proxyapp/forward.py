@@ -10,6 +10,7 @@ the metrics. The request is read through its RequestHead (proxyapp.head) only.
 from __future__ import annotations
 
 import http.client
+import logging
 import time
 
 import flask
@@ -30,7 +31,9 @@ from proxyapp.keepalive import is_event_stream, with_keepalive
 from proxyapp.limits import UNLIMITED, Admission, Limiter
 from proxyapp.logs import AccessRecord, write_access
 from proxyapp.routing import Credential, Decision, Rejection, Router
+from proxyapp.stream_usage import REQUEST, UsageChunkFilter, applies, stripped, with_include_usage
 from proxyapp.upstream import UpstreamClient, UpstreamError, body_chunks, describe_stream_error, open_upstream
+from proxyapp.usage import FIELDS as USAGE_FIELDS
 from proxyapp.usage import UsageMeter, request_fields
 from proxyapp.watchdog import Watchdog
 from proxyapp.websocket import (
@@ -44,9 +47,19 @@ from proxyapp.websocket import (
     upstream_handshake_headers,
 )
 
-_RATELIMIT_HEADERS = frozenset({"x-ratelimit-limit-requests", "x-ratelimit-remaining-requests"})
+_RATELIMIT_HEADERS = frozenset(
+    {
+        "x-ratelimit-limit-requests",
+        "x-ratelimit-remaining-requests",
+        "x-ratelimit-limit-tokens",
+        "x-ratelimit-remaining-tokens",
+    }
+)
 _STREAM_ERRORS = (urllib3.exceptions.HTTPError, OSError, http.client.HTTPException, ValueError)
 _SWITCHING = "101 Switching Protocols"
+_IDENTITY = (None, "", "identity")
+_NO_USAGE = dict.fromkeys(USAGE_FIELDS)
+log = logging.getLogger("proxy.forward")
 _now = time.perf_counter
 _monotonic = time.monotonic
 
@@ -75,6 +88,9 @@ class Forwarder:
         self.max_body = config.max_body_bytes
         self.sse_keepalive = config.sse_keepalive_seconds
         self.websocket_idle = config.websocket_idle_timeout
+        self.stream_usage = config.stream_usage == REQUEST
+        # Origins that answered a request with include_usage added by a 400: never asked again.
+        self.usage_refused: set[str] = set()
         self.loop = gevent.get_hub().loop
         self.in_flight = 0
 
@@ -97,6 +113,7 @@ class Exchange:
         "meter",
         "raw",
         "record",
+        "strip_usage",
         "watchdog",
         "websocket",
     )
@@ -120,6 +137,7 @@ class Exchange:
         self.meter: UsageMeter | None = None
         self.watchdog: Watchdog | None = None
         self.is_stream = False
+        self.strip_usage = False  # include_usage was added: the usage-only chunk is not the client's
         self.finished = False
         # A WebSocket handshake: None (plain HTTP), "header" or "protocol" (where its credential is).
         self.websocket: str | None = None
@@ -186,25 +204,32 @@ class Exchange:
         query = head.query
         target = upstream.base_path + head.path + ("?" + query if query else "")
         body = record.request_body
-        headers = upstream_request_headers(
-            self.client, decision.auth_header, head.client_ip, head.request_id, head.method, body
-        )
+        asked = None
+        if (
+            fw.stream_usage
+            and head.method == "POST"
+            and applies(head.path)
+            and upstream.origin not in fw.usage_refused
+        ):
+            asked = with_include_usage(body)
+        headers = self._upstream_headers(body if asked is None else asked)
         if self.websocket is not None:
             headers = upstream_handshake_headers(headers, decision.auth_header, self.websocket == "protocol")
         self.watchdog = watchdog = Watchdog(fw.loop, fw.timeout[1])
         watchdog.arm(head.client_socket, fw.total_timeout)
         fw.in_flight += 1
         try:
-            response = open_upstream(
-                fw.upstream,
-                head.method,
-                upstream.origin + target,
-                headers,
-                body if "Content-Length" in headers else None,
-                fw.upstream_timeout,
-                target,
-                upstream.origin,
-            )
+            if asked is None:
+                response = self._open(target, headers, body)
+            else:
+                response = self._open(target, headers, asked)
+                if response.raw.status == 400:  # nothing sent to the client yet: once, unchanged
+                    _discard(response)
+                    response = self._open(target, self._upstream_headers(body), body)
+                    if response.raw.status != 400:  # the change was what it refused
+                        self._usage_refused(upstream.origin)
+                else:
+                    self.strip_usage = True
         except UpstreamError as err:
             self._disarm()
             reason = "upstream_error" if err.status == 502 else "upstream_timeout"
@@ -244,6 +269,41 @@ class Exchange:
             return ProxyResponse(status_line, out, EmptyBody(self.finish))
         return ProxyResponse(status_line, out, self._stream())
 
+    def _upstream_headers(self, body: bytes) -> dict[str, str]:
+        head = self.head
+        headers = upstream_request_headers(
+            self.client, self.decision.auth_header, head.client_ip, head.request_id, head.method, body
+        )
+        if body is not self.record.request_body:
+            # include_usage added: its chunk is removed from the stream, which must come unencoded.
+            forwarded = self.client.forward.get("accept-encoding")
+            headers[forwarded[0] if forwarded else "Accept-Encoding"] = "identity"
+        return headers
+
+    def _open(self, target: str, headers: dict[str, str], body: bytes):
+        fw = self.fw
+        origin = self.decision.route.upstream.origin
+        return open_upstream(
+            fw.upstream,
+            self.head.method,
+            origin + target,
+            headers,
+            body if "Content-Length" in headers else None,
+            fw.upstream_timeout,
+            target,
+            origin,
+        )
+
+    def _usage_refused(self, origin: str) -> None:
+        refused = self.fw.usage_refused
+        if origin not in refused:
+            refused.add(origin)
+            log.warning(
+                "STREAM_USAGE=request: the upstream refused stream_options.include_usage with a 400; "
+                "this worker no longer asks it for usage",
+                extra={"event": "stream_usage_refused", "origin": origin},
+            )
+
     def _stream(self):
         raw = self.raw
         fw = self.fw
@@ -256,17 +316,21 @@ class Exchange:
         content_type = raw.headers.get("Content-Type")
         watchdog.watch_upstream(raw)
         chunks = body_chunks(raw)
+        encoding = raw.headers.get("Content-Encoding")
+        meter = UsageMeter(content_type, encoding)
+        if meter.mode is not None:
+            self.meter = meter
+        else:
+            meter = None
         if is_event_stream(content_type):
+            if self.strip_usage and encoding in _IDENTITY:  # the filter feeds the meter itself
+                chunks = stripped(chunks, UsageChunkFilter(), meter)
+                meter = None
             if fw.sse_keepalive:
                 chunks = with_keepalive(chunks, fw.sse_keepalive)
             if fw.metrics is not None:
                 self.is_stream = True
                 fw.metrics.in_flight_streams += 1
-        meter = UsageMeter(content_type, raw.headers.get("Content-Encoding"))
-        if meter.mode is not None:
-            self.meter = meter
-        else:
-            meter = None
         end_reason = "complete"
         try:
             for chunk in chunks:
@@ -386,6 +450,8 @@ class Exchange:
         if meter is not None:
             meter.finish()  # what was counted so far, also when the client left early
             record.usage = meter.result()
+        if self.admission.tpm_key:
+            self._count_tokens()
         if record.request_body:  # read here, not before forwarding: it never delays the upstream call
             record.model, record.stream = request_fields(
                 record.request_body, self.client.value("content-type")
@@ -400,6 +466,20 @@ class Exchange:
                 else:
                     metrics.in_flight_streams -= 1
             metrics.observe(record)
+
+    def _count_tokens(self) -> None:
+        """A TPM-limited request that the upstream answered: its usage total, or the estimate
+        (request + response body bytes) / 4 when the upstream reported none (marked)."""
+        record = self.record
+        if record.upstream_at is None or record.status >= 400:
+            return  # nothing generated (an error answer, or the upstream never answered)
+        usage = record.usage
+        tokens = usage.get("total_tokens") if usage else None
+        if tokens is None:
+            tokens = (len(record.request_body) + record.response_bytes) // 4
+            record.usage = {**(usage or _NO_USAGE), "total_tokens": tokens}
+            record.usage_estimated = True
+        self.fw.limiter.count(self.admission, tokens)
 
     def _error(
         self,
@@ -428,6 +508,14 @@ class Exchange:
         self.record.end_reason = reason
         self.finish()
         return AbortConnection()
+
+
+def _discard(response) -> None:
+    try:
+        response.raw.close()  # a small error body: a new connection costs less than reading it
+        response.raw.release_conn()
+    except Exception:
+        pass
 
 
 def _declares_body(headers) -> bool:

@@ -1,15 +1,21 @@
 """Per-token limits, exact across workers and VMs: the counts live in Redis (LIMITS_REDIS_URL).
 
-Two limits per token: ``max_concurrency`` (requests in flight, streams included, until the last
-byte or the client leaves) and ``rpm`` (requests admitted per rolling 60 s). Per token, two keys:
+Three limits per token: ``max_concurrency`` (requests in flight, streams included, until the last
+byte or the client leaves), ``rpm`` (requests admitted per rolling 60 s) and ``tpm`` (tokens used
+per rolling 60 s). Per token, three keys:
 
 - ``llmproxy:{<id>}:conc``: a sorted set of lease ids scored by their expiry (Redis time, ms).
   A lease is renewed by its worker while the request runs and removed when it ends; a worker
   killed with kill -9 stops renewing, and its leases stop counting one lease period later.
 - ``llmproxy:{<id>}:rpm``: a sorted set of admission ids scored by their admission time (ms).
+- ``llmproxy:{<id>}:tpm``: a hash of Redis-clock second -> tokens used by the requests that ended
+  in that second (at most 60 live fields, so admission reads a bounded set however busy the token).
+  A request is counted when it ends (usage total, or the estimate; sent in the background like the
+  releases), so admission sees only finished requests: what is in flight can overrun the limit,
+  as with OpenAI's own TPM.
 
 ``<id>`` is the token's id (``token_id``) or a short hash of the token, never the token itself;
-the braces make both keys of a token one Redis Cluster hash slot. Every write sets PEXPIRE, so an
+the braces make the keys of a token one Redis Cluster hash slot. Every write sets PEXPIRE, so an
 idle token leaves nothing behind.
 
 One request = one round trip: a Lua script (EVALSHA) that reads the Redis clock (so several VMs
@@ -56,31 +62,65 @@ POOL_SIZE = 64  # request-path connections per worker; a greenlet waits for a fr
 
 CONCURRENCY = "concurrency"
 RPM = "rpm"
-CODES = {CONCURRENCY: "token_concurrency_limit", RPM: "token_rate_limit"}
+TPM = "tpm"
+CODES = {CONCURRENCY: "token_concurrency_limit", RPM: "token_rate_limit", TPM: "token_tpm_limit"}
 MESSAGES = {
     CONCURRENCY: "Too many concurrent requests for this API token; retry when one has finished.",
     RPM: "Too many requests per minute for this API token; retry after the time in Retry-After.",
+    TPM: "Too many tokens per minute for this API token; retry after the time in Retry-After.",
 }
 
 _SAFE_ID = re.compile(r"[A-Za-z0-9._-]{1,64}").fullmatch
 
-# KEYS: conc, rpm. ARGV: max_concurrency, rpm, member, lease_ms.
-# Returns {admitted, refused_by (0 none, 1 concurrency, 2 rpm), retry_ms, in_window, in_flight}.
+# KEYS: conc, rpm, tpm. ARGV: max_concurrency, rpm, tpm, member, lease_ms.
+# Returns {admitted, refused_by (0 none, 1 concurrency, 2 rpm, 3 tpm), retry_ms, in_window,
+# in_flight, tokens_in_window}. The tpm hash is only read (and its stale seconds dropped) here:
+# tokens are added by COUNT_LUA when a request ends.
 ACQUIRE_LUA = """
 if redis.replicate_commands then redis.replicate_commands() end  -- Redis < 5: TIME before writes
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local max_conc = tonumber(ARGV[1])
 local rpm = tonumber(ARGV[2])
-local member = ARGV[3]
-local lease_ms = tonumber(ARGV[4])
+local tpm = tonumber(ARGV[3])
+local member = ARGV[4]
+local lease_ms = tonumber(ARGV[5])
 local in_window = 0
 if rpm > 0 then
   redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - 60000)
   in_window = redis.call('ZCARD', KEYS[2])
   if in_window >= rpm then
     local oldest = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
-    return {0, 2, tonumber(oldest[2]) + 60000 - now, in_window, 0}
+    return {0, 2, tonumber(oldest[2]) + 60000 - now, in_window, 0, 0}
+  end
+end
+local tokens = 0
+if tpm > 0 then
+  local oldest_live = tonumber(t[1]) - 59  -- a second's tokens count for 60 s
+  local fields = redis.call('HGETALL', KEYS[3])
+  local live = {}
+  for i = 1, #fields, 2 do
+    local second = tonumber(fields[i])
+    if second < oldest_live then
+      redis.call('HDEL', KEYS[3], fields[i])
+    else
+      local used = tonumber(fields[i + 1])
+      tokens = tokens + used
+      live[#live + 1] = {second, used}
+    end
+  end
+  if tokens >= tpm then
+    table.sort(live, function(a, b) return a[1] < b[1] end)
+    local left = tokens
+    local retry = 60000
+    for _, entry in ipairs(live) do
+      left = left - entry[2]
+      if left < tpm then
+        retry = (entry[1] + 60) * 1000 - now
+        break
+      end
+    end
+    return {0, 3, retry, in_window, 0, tokens}
   end
 end
 local in_flight = 0
@@ -88,7 +128,7 @@ if max_conc > 0 then
   redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
   in_flight = redis.call('ZCARD', KEYS[1])
   if in_flight >= max_conc then
-    return {0, 1, 1000, in_window, in_flight}
+    return {0, 1, 1000, in_window, in_flight, tokens}
   end
   redis.call('ZADD', KEYS[1], now + lease_ms, member)
   redis.call('PEXPIRE', KEYS[1], lease_ms)
@@ -99,7 +139,16 @@ if rpm > 0 then
   redis.call('PEXPIRE', KEYS[2], 60000)
   in_window = in_window + 1
 end
-return {1, 0, 0, in_window, in_flight}
+return {1, 0, 0, in_window, in_flight, tokens}
+"""
+
+# KEYS: tpm. ARGV: tokens. The tokens of a request that ended, in the current second's field.
+COUNT_LUA = """
+if redis.replicate_commands then redis.replicate_commands() end
+local t = redis.call('TIME')
+redis.call('HINCRBY', KEYS[1], t[1], tonumber(ARGV[1]))
+redis.call('PEXPIRE', KEYS[1], 61000)
+return 1
 """
 
 # KEYS: conc. ARGV: lease_ms, member... Every lease of this worker still running gets a new
@@ -141,17 +190,17 @@ def limit_key_id(token: str, token_id: int | str | None) -> str:
     return "h" + hashlib.sha256(token.encode("utf-8")).hexdigest()[:16]
 
 
-_PACKED_HEAD = b"*9\r\n" + _bulk("EVALSHA") + _bulk(ACQUIRE_SHA) + _bulk(2)
+_PACKED_HEAD = b"*11\r\n" + _bulk("EVALSHA") + _bulk(ACQUIRE_SHA) + _bulk(3)
 
 
 @functools.lru_cache(maxsize=1024)
-def _packed_limits(max_concurrency: int, rpm: int) -> tuple[bytes, str]:
-    return _bulk(max_concurrency) + _bulk(rpm), str(rpm or max_concurrency)
+def _packed_limits(max_concurrency: int, rpm: int, tpm: int) -> tuple[bytes, str]:
+    return _bulk(max_concurrency) + _bulk(rpm) + _bulk(tpm), str(rpm or max_concurrency)
 
 
 @dataclass(slots=True)
 class TokenLimits:
-    """A token's effective limits (0 = that limit is off; never both) and its Redis keys.
+    """A token's effective limits (0 = that limit is off; never all three) and its Redis keys.
     Built once per table version (kept across versions while unchanged), so acquire() does no
     string work. Treat as read-only."""
 
@@ -161,22 +210,19 @@ class TokenLimits:
     keys: tuple[str, str]  # (conc, rpm)
     header_limit: str  # x-ratelimit-limit-requests: the rpm limit if set, else max_concurrency
     packed: bytes  # the EVALSHA command up to the per-request arguments, in the wire format
+    tpm: int = 0
+    tpm_key: str = ""  # "" when tpm is 0: nothing to count
 
     @classmethod
-    def build(cls, max_concurrency: int, rpm: int, key_id: str) -> TokenLimits:
+    def build(cls, max_concurrency: int, rpm: int, key_id: str, tpm: int = 0) -> TokenLimits:
         conc_key = f"{KEY_PREFIX}{{{key_id}}}:conc"
         rpm_key = f"{KEY_PREFIX}{{{key_id}}}:rpm"
-        conc_bytes, rpm_bytes = conc_key.encode(), rpm_key.encode()
-        args, header_limit = _packed_limits(max_concurrency, rpm)
-        packed = b"%s$%d\r\n%s\r\n$%d\r\n%s\r\n%s" % (
-            _PACKED_HEAD,
-            len(conc_bytes),
-            conc_bytes,
-            len(rpm_bytes),
-            rpm_bytes,
-            args,
-        )
-        return cls(max_concurrency, rpm, key_id, (conc_key, rpm_key), header_limit, packed)
+        tpm_key = f"{KEY_PREFIX}{{{key_id}}}:tpm"
+        args, header_limit = _packed_limits(max_concurrency, rpm, tpm)
+        packed = _PACKED_HEAD + b"".join(_bulk(key) for key in (conc_key, rpm_key, tpm_key)) + args
+        # KEYS[3] of every EVALSHA, but only a token with a TPM limit has its tokens counted.
+        counted = tpm_key if tpm else ""
+        return cls(max_concurrency, rpm, key_id, (conc_key, rpm_key), header_limit, packed, tpm, counted)
 
 
 def effective_limits(
@@ -186,13 +232,16 @@ def effective_limits(
     row_rpm: int | None,
     default_concurrency: int,
     default_rpm: int,
+    row_tpm: int | None = None,
+    default_tpm: int = 0,
 ) -> TokenLimits | None:
-    """The row's override (0 = unlimited for this token) or the default; None when both are 0."""
+    """The row's override (0 = unlimited for this token) or the default; None when all are 0."""
     concurrency = default_concurrency if row_concurrency is None else row_concurrency
     rpm = default_rpm if row_rpm is None else row_rpm
-    if not concurrency and not rpm:
+    tpm = default_tpm if row_tpm is None else row_tpm
+    if not concurrency and not rpm and not tpm:
         return None
-    return TokenLimits.build(concurrency, rpm, limit_key_id(token, token_id))
+    return TokenLimits.build(concurrency, rpm, limit_key_id(token, token_id), tpm)
 
 
 # ---------------------------------------------------------------------------- admissions
@@ -211,6 +260,7 @@ class Admission:
         "limit",
         "member",
         "retry_after",
+        "tpm_key",
     )
 
     def __init__(
@@ -222,14 +272,16 @@ class Admission:
         conc_key: str = "",
         member: str = "",
         enforced: bool = False,
+        tpm_key: str = "",
     ) -> None:
         self.admitted = admitted
-        self.limit = limit  # "" when admitted; else CONCURRENCY or RPM (the access line's "limit")
+        self.limit = limit  # "" when admitted; else CONCURRENCY, RPM or TPM (the access line's "limit")
         self.retry_after = retry_after  # whole seconds, >= 1 when refused
-        self.headers = headers  # x-ratelimit-limit-requests, x-ratelimit-remaining-requests
+        self.headers = headers  # x-ratelimit-{limit,remaining}-requests and/or -tokens
         self.conc_key = conc_key  # set while this admission holds a concurrency lease
         self.member = member
         self.enforced = enforced  # False: no limit applied (unlimited token, no Redis, outage)
+        self.tpm_key = tpm_key  # a TPM-limited admission: its tokens are counted when it ends
 
     @property
     def code(self) -> str:
@@ -249,8 +301,20 @@ class Admission:
 UNLIMITED = Admission(True)  # shared: nothing to release, no headers
 
 
-def _headers(limit: str, remaining: int) -> tuple[tuple[str, str], ...]:
-    return (("x-ratelimit-limit-requests", limit), ("x-ratelimit-remaining-requests", str(max(remaining, 0))))
+def _headers(limits: TokenLimits, in_window: int, in_flight: int, tokens: int) -> tuple[tuple[str, str], ...]:
+    headers: tuple[tuple[str, str], ...] = ()
+    if limits.rpm or limits.max_concurrency:
+        remaining = limits.rpm - in_window if limits.rpm else limits.max_concurrency - in_flight
+        headers = (
+            ("x-ratelimit-limit-requests", limits.header_limit),
+            ("x-ratelimit-remaining-requests", str(max(remaining, 0))),
+        )
+    if limits.tpm:
+        headers += (
+            ("x-ratelimit-limit-tokens", str(limits.tpm)),
+            ("x-ratelimit-remaining-tokens", str(max(limits.tpm - tokens, 0))),
+        )
+    return headers
 
 
 # ---------------------------------------------------------------------------- the limiter
@@ -269,13 +333,14 @@ class Limiter:
         self.lease_ms = str(max(1, round(lease_seconds * 1000)))
         self.renew_every = lease_seconds / 3.0
         # Counters the metrics read (monotonic; per worker).
-        self.refused = {CONCURRENCY: 0, RPM: 0}
+        self.refused = {CONCURRENCY: 0, RPM: 0, TPM: 0}
         self.outages_total = 0
         self.unenforced_total = 0  # limited requests admitted unchecked because Redis was down
         self.dropped_total = 0  # admissions released by the garbage collector, not release()
         self.down_since: float | None = None  # monotonic time of the outage's start, None = up
         self._in_flight: dict[str, str] = {}  # member -> conc key, for renewal
         self._pending: list[tuple[str, str]] = []  # (conc key, member) to remove
+        self._counts: list[tuple[str, int]] = []  # (tpm key, tokens) to add
         self._wake = Event()
         self._greenlet: gevent.Greenlet | None = None
         self._closing = False
@@ -303,6 +368,7 @@ class Limiter:
             connection_pool=redis.ConnectionPool.from_url(url, max_connections=4, **options)
         )
         self._renew_script = self.client.register_script(RENEW_LUA)
+        self._count_script = self.client.register_script(COUNT_LUA)
 
     @classmethod
     def from_config(cls, config) -> Limiter:
@@ -325,6 +391,7 @@ class Limiter:
                 self.client.ping()
                 self.client.script_load(ACQUIRE_LUA)
                 self._renew_script.sha = self.client.script_load(RENEW_LUA)
+                self._count_script.sha = self.client.script_load(COUNT_LUA)
                 return True
             except (redis.RedisError, OSError) as exc:
                 if time.monotonic() >= deadline:
@@ -376,28 +443,29 @@ class Limiter:
             return UNLIMITED
         member = self._member_prefix + format(next(self._ids), "x")
         try:
-            admitted, refused_by, retry_ms, in_window, in_flight = self._call(
+            admitted, refused_by, retry_ms, in_window, in_flight, tokens = self._call(
                 limits.packed + _bulk(member) + self._lease_arg
             )
         except (redis.RedisError, OSError) as exc:
             self._went_down(exc)
             self.unenforced_total += 1
             return UNLIMITED
-        remaining = limits.rpm - in_window if limits.rpm else limits.max_concurrency - in_flight
-        headers = _headers(limits.header_limit, remaining)
+        headers = _headers(limits, in_window, in_flight, tokens)
         if not admitted:
-            limit = RPM if refused_by == 2 else CONCURRENCY
+            limit = RPM if refused_by == 2 else TPM if refused_by == 3 else CONCURRENCY
             self.refused[limit] += 1
             retry_after = max(1, math.ceil(retry_ms / 1000))
             return Admission(False, limit, retry_after, headers, enforced=True)
         if limits.max_concurrency:
             self._in_flight[member] = limits.keys[0]
-            admission = Admission(True, "", 0, headers, limits.keys[0], member, enforced=True)
+            admission = Admission(
+                True, "", 0, headers, limits.keys[0], member, enforced=True, tpm_key=limits.tpm_key
+            )
             # A safety net, not the way: an admission dropped without release() (a bug, an
             # exception between acquire and the request's finally) would be renewed for ever.
             weakref.finalize(admission, self._dropped, member).atexit = False
             return admission
-        return Admission(True, "", 0, headers, enforced=True)
+        return Admission(True, "", 0, headers, enforced=True, tpm_key=limits.tpm_key)
 
     def _call(self, command: bytes):
         """Send one packed EVALSHA and read its reply on a connection of the request path's own
@@ -427,6 +495,16 @@ class Limiter:
         admission.conc_key = ""
         self._in_flight.pop(admission.member, None)
         self._pending.append((key, admission.member))
+        self._wake.set()
+
+    def count(self, admission: Admission, tokens: int) -> None:
+        """Add a finished request's tokens to its token's TPM window (once; never blocks: the
+        background greenlet sends it with the releases)."""
+        key = admission.tpm_key
+        if not key or tokens <= 0:
+            return
+        admission.tpm_key = ""
+        self._counts.append((key, tokens))
         self._wake.set()
 
     def _dropped(self, member: str) -> None:
@@ -506,16 +584,20 @@ class Limiter:
             self._went_down(exc)
 
     def _flush_releases(self) -> None:
-        if not self._pending:
+        if not self._pending and not self._counts:
             return
         batch, self._pending = self._pending, []
+        counts, self._counts = self._counts, []
         pipe = self.client.pipeline(transaction=False)
         for key, member in batch:
             pipe.zrem(key, member)
+        for key, tokens in counts:
+            self._count_script(keys=(key,), args=(tokens,), client=pipe)
         try:
             pipe.execute()
         except BaseException:
             self._pending[:0] = batch  # sent again once Redis answers (until the lease expires anyway)
+            self._counts[:0] = counts
             raise
 
     def _renew(self) -> None:

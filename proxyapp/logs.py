@@ -106,7 +106,8 @@ class AccessRecord:
     model: str | None = None  # from a JSON request body
     stream: bool | None = None
     usage: dict[str, int | None] | None = None
-    limit: str | None = None  # which per-token limit refused it ("concurrency", "rpm"), if one did
+    limit: str | None = None  # which per-token limit refused it ("concurrency", "rpm", "tpm"), if one did
+    usage_estimated: bool = False  # total_tokens is the TPM estimate (bytes / 4), not the upstream's
     websocket: dict[str, object] | None = None  # a WebSocket session's own fields (proxyapp.forward)
 
     @property
@@ -175,6 +176,7 @@ def write_access(record: AccessRecord, body_limit: int = 0) -> None:
             "stream": record.stream,
             "limit": record.limit,
             **(record.usage or _NO_USAGE),
+            "usage_estimated": record.usage_estimated,
             **(record.websocket or _NOT_WEBSOCKET),
         }
     )

@@ -298,7 +298,15 @@ class WorkerMetrics:
                 ("limit",),
                 registry=None,
             )
-            self.rate_limited = {limit: refused.labels(limit)._value for limit in ("concurrency", "rpm")}
+            self.rate_limited = {
+                limit: refused.labels(limit)._value for limit in ("concurrency", "rpm", "tpm")
+            }
+            self.usage_estimated_total = Counter(
+                "llmproxy_usage_estimated_total",
+                "Requests of TPM-limited tokens counted by the estimate (no usage from the upstream).",
+                ("model",),
+                registry=None,
+            )
             self.limiter_outages_total = Counter(
                 "llmproxy_limiter_outages_total",
                 "Times a worker found the limits' Redis unreachable.",
@@ -377,6 +385,8 @@ class WorkerMetrics:
             _add(value, 1)
         if record.limit is not None:
             _add(self.rate_limited[record.limit], 1)
+        if record.usage_estimated:
+            self.usage_estimated_total.labels(model).inc()
         usage = record.usage
         if usage:
             for field, value in series.usage:

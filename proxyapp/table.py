@@ -6,7 +6,7 @@
 The file is read through the same contract the workers use (common.tokentable), so a file this
 command rejects is one the workers reject too. Exit 1 when the file is bad or the token unknown.
 Per-token limits: the row's override (null = the default), and the effective limit with the
-defaults TOKEN_MAX_CONCURRENCY / TOKEN_RPM of this environment (0 = unlimited), and the token's
+defaults TOKEN_MAX_CONCURRENCY / TOKEN_RPM / TOKEN_TPM of this environment (0 = unlimited), and the token's
 Redis key id.
 """
 
@@ -24,9 +24,12 @@ from common.jsonlog import mask_secret
 from proxyapp.limits import effective_limits
 
 
-def _route(token: str, row: tokentable.TokenRow, defaults: tuple[int, int] = (0, 0)) -> dict:
+def _route(token: str, row: tokentable.TokenRow, defaults: tuple[int, int, int] = (0, 0, 0)) -> dict:
     expired = row.expires_at is not None and row.expires_at <= time.time()
-    limits = effective_limits(token, row.token_id, row.token_max_concurrency, row.token_rpm, *defaults)
+    concurrency, rpm, tpm = defaults
+    limits = effective_limits(
+        token, row.token_id, row.token_max_concurrency, row.token_rpm, concurrency, rpm, row.token_tpm, tpm
+    )
     return {
         "token": mask_secret(token),
         "token_id": row.token_id,
@@ -38,8 +41,10 @@ def _route(token: str, row: tokentable.TokenRow, defaults: tuple[int, int] = (0,
         "expired": expired,
         "token_max_concurrency": row.token_max_concurrency,
         "token_rpm": row.token_rpm,
+        "token_tpm": row.token_tpm,
         "max_concurrency": limits.max_concurrency if limits else 0,
         "rpm": limits.rpm if limits else 0,
+        "tpm": limits.tpm if limits else 0,
         "limit_key_id": limits.key_id if limits else None,
     }
 
@@ -57,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         defaults = (
             env.integer("TOKEN_MAX_CONCURRENCY", 0, maximum=tokentable.MAX_LIMIT),
             env.integer("TOKEN_RPM", 0, maximum=tokentable.MAX_LIMIT),
+            env.integer("TOKEN_TPM", 0, maximum=tokentable.MAX_LIMIT),
         )
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)

@@ -66,17 +66,23 @@ class Route:
 
 @dataclass(frozen=True, slots=True)
 class LimitSettings:
-    """The defaults for every token (TOKEN_MAX_CONCURRENCY, TOKEN_RPM; 0 = unlimited) and whether
-    a Limiter with Redis enforces them (else limits found in the table are only warned about)."""
+    """The defaults for every token (TOKEN_MAX_CONCURRENCY, TOKEN_RPM, TOKEN_TPM; 0 = unlimited) and
+    whether a Limiter with Redis enforces them (else limits found in the table are only warned about)."""
 
     default_concurrency: int = 0
     default_rpm: int = 0
     enforced: bool = False
+    default_tpm: int = 0
 
     @classmethod
     def from_config(cls, config) -> LimitSettings:
         """From a ProxyConfig: its defaults, enforced when LIMITS_REDIS_URL is set."""
-        return cls(config.token_max_concurrency, config.token_rpm, bool(config.limits_redis_url))
+        return cls(
+            config.token_max_concurrency,
+            config.token_rpm,
+            bool(config.limits_redis_url),
+            default_tpm=config.token_tpm,
+        )
 
 
 class FileVersion(NamedTuple):
@@ -123,6 +129,7 @@ def build_routes(
     upstreams: dict[tuple[str, str, str], Upstream] = {}
     routes: dict[str, Route] = {}
     default_concurrency, default_rpm = limits.default_concurrency, limits.default_rpm
+    default_tpm = limits.default_tpm
     previous = previous or {}
     for count, (token, row) in enumerate(table.tokens.items(), 1):
         key = (row.ai_model_api_url, row.ai_model_api_key, row.ai_model_name)
@@ -131,17 +138,19 @@ def build_routes(
             upstream = upstreams[key] = Upstream.build(*key)
         concurrency = default_concurrency if row.token_max_concurrency is None else row.token_max_concurrency
         rpm = default_rpm if row.token_rpm is None else row.token_rpm
+        tpm = default_tpm if row.token_tpm is None else row.token_tpm
         token_limits = None
-        if concurrency or rpm:
+        if concurrency or rpm or tpm:
             before = previous.get(token)
             token_limits = before.limits if before is not None else None
             if (
                 token_limits is None
                 or token_limits.max_concurrency != concurrency
                 or token_limits.rpm != rpm
+                or token_limits.tpm != tpm
                 or before.token_id != row.token_id
             ):
-                token_limits = TokenLimits.build(concurrency, rpm, limit_key_id(token, row.token_id))
+                token_limits = TokenLimits.build(concurrency, rpm, limit_key_id(token, row.token_id), tpm)
         routes[token] = Route(row.token_id, row.expires_at, upstream, token_limits)
         if pause is not None and count % pause_every == 0:
             pause()

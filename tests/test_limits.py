@@ -30,6 +30,7 @@ from proxyapp.errors import error_body
 from proxyapp.limits import (
     CONCURRENCY,
     RPM,
+    TPM,
     UNLIMITED,
     Limiter,
     LimiterUnavailable,
@@ -109,7 +110,7 @@ def test_config_values():
     assert unix.limits_redis_url == "unix:///run/x/redis.sock"
 
 
-@pytest.mark.parametrize("name", ["TOKEN_MAX_CONCURRENCY", "TOKEN_RPM"])
+@pytest.mark.parametrize("name", ["TOKEN_MAX_CONCURRENCY", "TOKEN_RPM", "TOKEN_TPM"])
 def test_a_limit_by_env_without_redis_is_a_start_up_error_naming_the_variable(name):
     with pytest.raises(ConfigError) as caught:
         ProxyConfig.from_env({name: "3"})
@@ -123,6 +124,9 @@ def test_a_limit_by_env_without_redis_is_a_start_up_error_naming_the_variable(na
     [
         ({"TOKEN_RPM": "-1"}, "TOKEN_RPM", "at least 0"),
         ({"TOKEN_RPM": "1.5"}, "TOKEN_RPM", "whole number"),
+        ({"TOKEN_TPM": "-5"}, "TOKEN_TPM", "at least 0"),
+        ({"TOKEN_TPM": "10k"}, "TOKEN_TPM", "whole number"),
+        ({"STREAM_USAGE": "always"}, "STREAM_USAGE", "passthrough, request"),
         ({"TOKEN_MAX_CONCURRENCY": "many"}, "TOKEN_MAX_CONCURRENCY", "whole number"),
         ({"TOKEN_MAX_CONCURRENCY": "1000000001"}, "TOKEN_MAX_CONCURRENCY", "at most"),
         ({"LIMITS_REDIS_URL": "http://h:6379"}, "LIMITS_REDIS_URL", "expected redis://"),
@@ -235,9 +239,12 @@ def test_table_lookup_shows_the_limits(tmp_path):
     path = tmp_path / "tokens.json"
     write_table(
         path,
-        {TOKEN: row("http://u/v1", token_id=7, token_max_concurrency=1), "sk-plain-0001": row("http://u/v1")},
+        {
+            TOKEN: row("http://u/v1", token_id=7, token_max_concurrency=1, token_tpm=500),
+            "sk-plain-0001": row("http://u/v1"),
+        },
     )
-    env = {"TOKEN_RPM": "90", "TOKEN_FILE": str(path), "PATH": "/usr/bin:/bin"}
+    env = {"TOKEN_RPM": "90", "TOKEN_TPM": "2000", "TOKEN_FILE": str(path), "PATH": "/usr/bin:/bin"}
     result = subprocess.run(
         [PYTHON, "-m", "proxyapp.table", "lookup", TOKEN], cwd=REPO, env=env, capture_output=True, text=True
     )
@@ -245,11 +252,12 @@ def test_table_lookup_shows_the_limits(tmp_path):
     shown = json.loads(result.stdout)
     assert (shown["token_max_concurrency"], shown["token_rpm"]) == (1, None)
     assert (shown["max_concurrency"], shown["rpm"], shown["limit_key_id"]) == (1, 90, "i7")
+    assert (shown["token_tpm"], shown["tpm"]) == (500, 500)  # the row's override
     assert TOKEN not in result.stdout
     result = subprocess.run(
         [PYTHON, "-m", "proxyapp.table", "show"],
         cwd=REPO,
-        env={**env, "TOKEN_RPM": "0"},
+        env={**env, "TOKEN_RPM": "0", "TOKEN_TPM": "0"},
         capture_output=True,
         text=True,
     )
@@ -289,7 +297,7 @@ def test_rpm_admits_exactly_n_of_m_then_refuses_with_retry_after(limiter_factory
         assert (refused.limit, refused.code) == (RPM, "token_rate_limit")
         assert 1 <= refused.retry_after <= 60
         assert refused.enforced
-    assert limiter.refused == {CONCURRENCY: 0, RPM: 3}
+    assert limiter.refused == {CONCURRENCY: 0, RPM: 3, TPM: 0}
     assert all(not a.conc_key for a in answers)  # rpm only: nothing to release
     assert inspect.zcard(limits.keys[1]) == 5  # refusals are not counted as admissions
     assert 0 < inspect.pttl(limits.keys[1]) <= 60_000  # an idle token's keys go away
@@ -341,7 +349,7 @@ def test_concurrency_slot_is_taken_then_released(limiter_factory, inspect):
     limiter.release(second)
     limiter.release(third)
     gwait(lambda: inspect.zcard(limits.keys[0]) == 0, timeout=5, what="both releases")
-    assert limiter.refused == {CONCURRENCY: 2, RPM: 0}
+    assert limiter.refused == {CONCURRENCY: 2, RPM: 0, TPM: 0}
 
 
 def test_both_limits_together_the_rpm_refusal_wins_and_nothing_is_taken(limiter_factory, inspect):

@@ -9,6 +9,7 @@ import pytest
 from openai import OpenAI
 
 from tests.conftest import module_proxy
+from tests.support.metrics import scrape, total
 from tests.support.tables import CLIENT_TOKEN, UPSTREAM_KEY, row
 
 HEX32 = re.compile(r"[0-9a-f]{32}")
@@ -19,6 +20,12 @@ MESSAGES = [{"role": "user", "content": "Say hello"}]
 def op(tmp_path_factory, upstream):
     rows = {CLIENT_TOKEN: row(upstream.url + "/v1", UPSTREAM_KEY, token_id=7, ai_model_name="FakeModel")}
     yield from module_proxy(tmp_path_factory, "openai", rows)
+
+
+@pytest.fixture(scope="module")
+def op_usage(tmp_path_factory, upstream):
+    rows = {CLIENT_TOKEN: row(upstream.url + "/v1", UPSTREAM_KEY, token_id=7, ai_model_name="FakeModel")}
+    yield from module_proxy(tmp_path_factory, "openai-usage", rows, {"STREAM_USAGE": "request"})
 
 
 def client_for(proxy, api_key: str = CLIENT_TOKEN, **kwargs) -> OpenAI:
@@ -109,3 +116,31 @@ def test_upstream_error_status_reaches_the_client_as_the_matching_exception(op):
         )
     assert caught.value.status_code == 429
     assert "fake error" in str(caught.value)
+
+
+def _sdk_stream(proxy, fake: str) -> tuple[list, str]:
+    raw = client_for(proxy).chat.completions.with_raw_response.create(
+        model="gpt-fake", messages=MESSAGES, stream=True, extra_headers={"X-Fake": fake}
+    )
+    return list(raw.parse()), raw.headers["x-request-id"]
+
+
+@pytest.mark.parametrize("fake", ["sse;events=4;interval=0.01", "sse;events=2;interval=0.01;crlf;comment"])
+def test_stream_usage_request_the_sdk_default_call_gets_the_same_chunks_and_usage_is_logged(
+    op, op_usage, fake
+):
+    before = scrape(op_usage.url)
+    plain, plain_id = _sdk_stream(op, fake)
+    asked, asked_id = _sdk_stream(op_usage, fake)
+    assert len(asked) == len(plain) and all(chunk.choices for chunk in asked)
+    assert [c.choices for c in asked] == [c.choices for c in plain]
+    assert all(chunk.usage is None for chunk in asked)
+    assert op.access_line(plain_id)["total_tokens"] is None
+    line = op_usage.access_line(asked_id)
+    assert (line["prompt_tokens"], line["completion_tokens"], line["total_tokens"]) == (11, 22, 33)
+    after = scrape(op_usage.url)
+    assert (
+        total(after, "usage_tokens_total", kind="completion")
+        - total(before, "usage_tokens_total", kind="completion")
+        == 22
+    )

@@ -228,30 +228,33 @@ def test_success_writes_only_active_rows_with_mode_0600(harness):
 
 def test_the_per_token_limit_fields_are_carried_into_the_file(harness):
     rows = [
-        row(1, token_max_concurrency=1, token_rpm=60),
+        row(1, token_max_concurrency=1, token_rpm=60, token_tpm=5000),
         row(2, token_max_concurrency=None),  # null: the deployment's default
         row(3),  # absent: the default too
         row(4, token_rpm=0),  # 0: unlimited for this token
         row(5, token_max_concurrency=-2),  # invalid: the row is skipped like any bad field
         row(6, token_rpm="10"),
+        row(7, token_tpm=1.5),
     ]
     harness.backend.set(rows=rows)
     result = harness.once()
     assert result.rc == 0, result
     table = harness.table()
     assert sorted(table.tokens) == [row(i)["token"] for i in (1, 2, 3, 4)]
-    limits = {t: (r.token_max_concurrency, r.token_rpm) for t, r in table.tokens.items()}
-    assert limits[row(1)["token"]] == (1, 60)
-    assert limits[row(2)["token"]] == (None, None)
-    assert limits[row(3)["token"]] == (None, None)
-    assert limits[row(4)["token"]] == (None, 0)
+    limits = {t: (r.token_max_concurrency, r.token_rpm, r.token_tpm) for t, r in table.tokens.items()}
+    assert limits[row(1)["token"]] == (1, 60, 5000)
+    assert limits[row(2)["token"]] == (None, None, None)
+    assert limits[row(3)["token"]] == (None, None, None)
+    assert limits[row(4)["token"]] == (None, 0, None)
     document = json.loads(harness.file_bytes())
     assert document["format"] == 1
     assert document["tokens"][row(1)["token"]]["token_max_concurrency"] == 1
     assert "token_max_concurrency" not in document["tokens"][row(2)["token"]]
     assert "token_rpm" not in document["tokens"][row(3)["token"]]
+    assert document["tokens"][row(1)["token"]]["token_tpm"] == 5000
+    assert "token_tpm" not in document["tokens"][row(3)["token"]]
     line = result.sync_line()
-    assert (line["active"], line["skipped"], line["tokens_written"]) == (6, 2, 4)
+    assert (line["active"], line["skipped"], line["tokens_written"]) == (7, 3, 4)
     assert any("token_max_concurrency -2" in example for example in line["skipped_examples"])
 
 

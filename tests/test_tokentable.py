@@ -124,6 +124,7 @@ _row = st.fixed_dictionaries(
     optional={
         "token_max_concurrency": st.one_of(st.none(), st.integers(0, tokentable.MAX_LIMIT)),
         "token_rpm": st.one_of(st.none(), st.integers(0, tokentable.MAX_LIMIT)),
+        "token_tpm": st.one_of(st.none(), st.integers(0, tokentable.MAX_LIMIT)),
     },
 )
 
@@ -186,6 +187,7 @@ def test_parse_calls_pause_every_n_rows():
         (file_text(tokens={"sk-a": backend_row(token_max_concurrency=True)}), "token_max_concurrency True"),
         (file_text(tokens={"sk-a": backend_row(token_rpm="5")}), "token_rpm '5' is not null or a whole"),
         (file_text(tokens={"sk-a": backend_row(token_rpm=10**9 + 1)}), "token_rpm 1000000001"),
+        (file_text(tokens={"sk-a": backend_row(token_tpm=-1)}), "token_tpm -1"),
         (file_text(tokens={"sk-a": backend_row(token_rpm=[5])}), "token_rpm [5]"),
     ],
 )

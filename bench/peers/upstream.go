@@ -39,6 +39,13 @@ var conns, requests atomic.Int64
 
 var streamRe = regexp.MustCompile(`"stream"\s*:\s*true`)
 
+// A stream that asks for usage ends with OpenAI's usage-only chunk (STREAM_USAGE=request's case).
+var includeUsageRe = regexp.MustCompile(`"include_usage"\s*:\s*true`)
+
+const usageChunk = `data: {"id":"chatcmpl-bench","object":"chat.completion.chunk","created":1732770000,` +
+	`"model":"bench-model","choices":[],"usage":{"prompt_tokens":11,"completion_tokens":70,"total_tokens":81}}` +
+	"\n\n"
+
 var jsonAnswer = func() []byte {
 	content := strings.Repeat("The quick brown fox jumps over the lazy dog. ", 7)
 	body := fmt.Sprintf(`{"id":"chatcmpl-bench0000000000000000000000","object":"chat.completion",`+
@@ -60,7 +67,7 @@ func now() string {
 	return strconv.FormatFloat(float64(time.Now().UnixNano())/1e9, 'f', 6, 64)
 }
 
-func serveSSE(w http.ResponseWriter, r *http.Request) {
+func serveSSE(w http.ResponseWriter, r *http.Request, usage bool) {
 	events := headerInt(r, "X-Bench-Events", 5)
 	interval := time.Duration(headerInt(r, "X-Bench-Interval-Ms", 50)) * time.Millisecond
 	flusher, _ := w.(http.Flusher)
@@ -96,6 +103,9 @@ func serveSSE(w http.ResponseWriter, r *http.Request) {
 			flusher.Flush()
 		}
 	}
+	if usage {
+		io.WriteString(w, usageChunk)
+	}
 	io.WriteString(w, "data: [DONE]\n\n")
 }
 
@@ -117,7 +127,7 @@ func handler(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	if streamRe.Match(body) {
-		serveSSE(w, r)
+		serveSSE(w, r, includeUsageRe.Match(body))
 		return
 	}
 	h := w.Header()

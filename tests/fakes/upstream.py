@@ -18,6 +18,11 @@ anything else ``json``. Options (unknown ones are ignored; a flag may also be wr
   comment         sse: send ": ping" comments half-way between events
   usage           sse: usage chunk before [DONE] (also when the request has stream_options.include_usage)
   nodone          sse: no usage chunk and no "data: [DONE]"
+                  (with stream_options.include_usage every other chunk has "usage": null, as OpenAI's)
+  total=N         the usage objects (json, sse usage chunk) report N tokens (prompt N//3, the rest
+                  completion) instead of 11 + 22 = 33
+  nostreamopts    400 with a JSON error body to a request whose JSON body has "stream_options"
+                  (some OpenAI-compatible servers refuse it)
   crlf            sse: end events with CRLF CRLF instead of LF LF
   framing=F       chunked | length | close (json, echo, errors: length; sse: chunked; gzip: length)
   gzip            gzip the body, Content-Encoding: gzip (sse streams with a sync flush per event)
@@ -301,7 +306,14 @@ def model_of(req: Request) -> str:
     return model if isinstance(model, str) else "fake-model"
 
 
-def completion_body(req_id: int, model: str, size: int) -> bytes:
+def usage_of(fake: Fake) -> dict:
+    total = fake.num("total", None, int)
+    if total is None:
+        return dict(USAGE)
+    return {"prompt_tokens": total // 3, "completion_tokens": total - total // 3, "total_tokens": total}
+
+
+def completion_body(req_id: int, model: str, size: int, usage: dict | None = None) -> bytes:
     obj = {
         "id": f"chatcmpl-fake-{req_id}",
         "object": "chat.completion",
@@ -316,7 +328,7 @@ def completion_body(req_id: int, model: str, size: int) -> bytes:
                 "finish_reason": "stop",
             }
         ],
-        "usage": dict(USAGE),
+        "usage": usage or dict(USAGE),
     }
     pad = max(0, size - len(json.dumps(obj)))
     obj["choices"][0]["message"]["content"] = (FILLER * (pad // len(FILLER) + 1))[:pad]
@@ -677,6 +689,8 @@ class Connection:
             return self.send_body(
                 req, fake, status, "text/plain; charset=utf-8", b"redirect\n", [("Location", location)]
             )
+        if fake.flag("nostreamopts") and "stream_options" in body_json:
+            status = 400
         if status in (204, 304):
             return self.send_bodyless(req, fake, status)
         if status >= 300:
@@ -687,7 +701,7 @@ class Connection:
             return self.send_body(req, fake, status, "application/json", json.dumps(record).encode())
         if fake.mode == "sse":
             return self.send_sse(req, fake, status, body_json, record["id"])
-        body = completion_body(record["id"], model_of(req), fake.num("size", 600, int))
+        body = completion_body(record["id"], model_of(req), fake.num("size", 600, int), usage_of(fake))
         return self.send_body(req, fake, status, "application/json", body)
 
     def _finish(self, close: bool) -> bool:
@@ -769,9 +783,8 @@ class Connection:
         comment = fake.flag("comment")
         nodone = fake.flag("nodone")
         stream_options = body_json.get("stream_options")
-        usage = fake.flag("usage") or (
-            isinstance(stream_options, dict) and stream_options.get("include_usage") is True
-        )
+        asked = isinstance(stream_options, dict) and stream_options.get("include_usage") is True
+        usage = fake.flag("usage") or asked
         eol = b"\r\n\r\n" if fake.flag("crlf") else b"\n\n"
         gz = fake.flag("gzip")
         framing = fake.framing("chunked", req)
@@ -819,12 +832,14 @@ class Connection:
                 return b"data: [DONE]" + eol
             obj = {"id": resp_id, "object": "chat.completion.chunk", "created": created, "model": model}
             if kind == "usage":
-                obj.update(choices=[], usage=dict(USAGE))
+                obj.update(choices=[], usage=usage_of(fake))
             else:
                 delta = {"role": "assistant", "content": f"tok{i} "} if i == 0 else {"content": f"tok{i} "}
                 finish = "stop" if i == events - 1 else None
                 choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
                 obj.update(choices=[choice], i=i, t_sent=t_sent)
+                if asked:
+                    obj["usage"] = None
             return b"data: " + json.dumps(obj).encode() + eol
 
         encoder = SseEncoder(framing == "chunked", gz, fake.flag("chunkext"), fake.flag("trailer"))
